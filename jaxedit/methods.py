@@ -19,7 +19,7 @@ from jaxedit.errors import InputError
 class EditResult:
     model: LanguageModel  # the edited model (same params for in-context methods)
     record: Any = None  # method-specific: rank-one factors, demonstrations, ...
-    context: Callable[[str], str] | None = None  # in-context methods: query -> full prompt
+    context: str | None = None  # in-context methods: text prepended to every query
     summary: dict | None = None  # JSON-able, e.g. {"layer": 5, "norm": 1.3}
 
 
