@@ -292,7 +292,7 @@ class _GGUFSource:
 
 
 def load_gguf(path: Path, dtype: str = "float32", name: str | None = None) -> LanguageModel:
-    """A llama / qwen2 GGUF file: dequantised weights, HF layout restored, tokenizer from metadata."""
+    """A llama / qwen2 GGUF: dequantised weights, HF layout restored, tokenizer from metadata."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
