@@ -30,7 +30,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxedit.config import ModelConfig
-from jaxedit.sites import BLOCK_SITES, Patch, apply_patch
+from jaxedit.sites import BLOCK_SITES, Patch, SitePatch, apply_patch
 
 Params = dict[str, Any]
 _NEG = -1e30  # additive mask: finite, so fully-masked (padding) query rows stay NaN-free
@@ -359,7 +359,12 @@ def forward(
         raise ValueError(f"n_layers={n_run} out of range 1..{cfg.n_layers}")
     layer_slice = lambda a: a[:n_run]
     block_state = jax.tree.map(layer_slice, block_state)
-    layer_patches = {s: jax.tree.map(layer_slice, p) for s, p in patch.items() if s != "embed"}
+    # mask/value are scanned over layers; the scalar `add` is broadcast to ride along with them.
+    layer_patches = {
+        s: SitePatch(layer_slice(p.mask), layer_slice(p.value), jnp.broadcast_to(p.add, (n_run,)))
+        for s, p in patch.items()
+        if s != "embed"
+    }
     layer_cache = None if cache is None else (cache.k[:n_run], cache.v[:n_run])
     want = tuple(s for s in capture if s != "embed")
 
