@@ -207,6 +207,7 @@ class Block(nnx.Module):
         else:
             x = x + attn_out
             mlp_in = self.ln2(x)
+        mlp_in = site("mlp_in", mlp_in)
         key = site("mlp_key", self.mlp.key(mlp_in))
         mlp_out = site("mlp_out", self.mlp.down(key))
         resid = x + attn_out + mlp_out if self.cfg.parallel_residual else x + mlp_out

@@ -6,6 +6,7 @@ Sites (identical names and meanings for every family):
     mlp_key   input of the MLP output projection (ROME's key k)      [L B T F]
     mlp_out   MLP output (ROME's value v = W_out k)                   [L B T D]
     resid     block output (the residual stream after layer l)       [L B T D]
+    mlp_in    input of the MLP (the normed residual; MEND's u for up/gate)  [L B T D]
 
 A `SitePatch` is only arrays, so a batch of patches goes through `jax.vmap` and `jax.grad`
 flows through an added value:
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-BLOCK_SITES = ("attn_out", "mlp_key", "mlp_out", "resid")
+BLOCK_SITES = ("attn_out", "mlp_key", "mlp_out", "resid", "mlp_in")
 SITES = ("embed", *BLOCK_SITES)
 
 
