@@ -112,11 +112,21 @@ def _lookup(names: set[str], hf: str) -> str | None:
     return None
 
 
+def _aligned_empty(shape: tuple[int, ...], dtype, align: int = 4096) -> np.ndarray:
+    """An uninitialised array whose data is `align`-byte aligned: `jax.device_put` then hands
+    its memory to the CPU backend without a copy (unaligned buffers are copied, ~1 s here)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def fill_params(cfg: ModelConfig, source, dtype: str) -> Params:
     """Read every tensor of the weight table from `source` into the stacked layout."""
     shapes = param_shapes(cfg)
     np_dtype = jnp.dtype(dtype)
-    buffers = jax.tree.map(lambda s: np.empty(s.shape, np_dtype), shapes)
+    buffers = jax.tree.map(lambda s: _aligned_empty(s.shape, np_dtype), shapes)
     filled: set[tuple] = set()
     names = source.names()
     used: set[str] = set()
@@ -125,7 +135,7 @@ def fill_params(cfg: ModelConfig, source, dtype: str) -> Params:
         if name is None:
             raise CheckpointError(f"checkpoint lacks tensor {e.hf!r}")
         used.add(name)
-        parts = e.to_ours(source.get(name).astype(np.float32))
+        parts = e.to_ours(np.asarray(source.get(name), np.float32))  # no copy when fp32
         for path, part in zip(e.paths, parts, strict=True):
             node = buffers
             for k in path[:-1]:
@@ -147,7 +157,8 @@ def fill_params(cfg: ModelConfig, source, dtype: str) -> Params:
     )
     if extra:
         raise CheckpointError(f"checkpoint has tensors jaxedit would ignore: {extra[:8]}")
-    return jax.tree.map(jnp.asarray, buffers)
+    # The buffers are private to this call, so letting the device arrays alias them is safe.
+    return jax.device_put(buffers)
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -269,7 +280,7 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 class _GGUFSource:
-    def __init__(self, gf: GGUFFile, n_heads: int, n_kv_heads: int):
+    def __init__(self, gf: GGUFFile, n_heads: int, n_kv_heads: int, permuted: bool = True):
         self.gf = gf
         self.tensors = {}
         for t in gf.tensors:
@@ -278,12 +289,17 @@ class _GGUFSource:
                 raise CheckpointError(f"GGUF tensor {t.name!r} is not understood by jaxedit")
             self.tensors[hf] = t
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        # llama.cpp permutes Q/K rows only for the `llama` architecture (its rotary is
+        # interleaved); qwen2 GGUFs keep HF's rotate-half layout.
+        self.permuted = permuted
 
     def names(self) -> set[str]:
         return set(self.tensors)
 
     def get(self, name: str) -> np.ndarray:
         w = self.gf.read(self.tensors[name])
+        if not self.permuted:
+            return w
         if ".q_proj." in name:
             w = unpermute_qk(w, self.n_heads)
         elif ".k_proj." in name:
@@ -326,7 +342,7 @@ def load_gguf(path: Path, dtype: str = "float32", name: str | None = None) -> La
         raise ConfigError(f"{path}: GGUF rope scaling {g('rope.scaling.type')!r} not supported")
     tokenizer = tokenizer_from_gguf(f)
     cfg = config_from_hf(hf).replace(dtype=dtype)
-    params = fill_params(cfg, _GGUFSource(gf, n_heads, n_kv), dtype)
+    params = fill_params(cfg, _GGUFSource(gf, n_heads, n_kv, permuted=arch == "llama"), dtype)
     return LanguageModel(name or str(path), cfg, params, tokenizer)
 
 
@@ -359,7 +375,9 @@ def save_hf(model: LanguageModel, out_dir: str | os.PathLike) -> Path:
         cfg = model.config
         tensors = {}
         for name, arr in hf_state_dict(cfg, model.params):
-            tensors[name] = arr  # fp32 whatever the params dtype: lossless for bf16 too
+            # fp32 whatever the params dtype: lossless for bf16 too. Contiguous: safetensors
+            # writes a strided array's raw buffer, i.e. silently scrambled weights.
+            tensors[name] = np.ascontiguousarray(arr)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
         model.tokenizer.save(tmp)

@@ -157,7 +157,15 @@ def _rope(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None
     scaling = dict(hf.get("rope_scaling") or {})
     theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
-    rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
+    scaling_type = scaling.get("rope_type", scaling.get("type"))
+    rope_type = params.get("rope_type", scaling_type or "default")
+    if scaling_type is not None and scaling_type != rope_type:
+        # transformers lets `rope_scaling` override `rope_parameters`; older readers do the
+        # opposite. A config that says both ways is ambiguous: refuse it.
+        raise ConfigError(
+            f"config.json has rope_scaling type {scaling_type!r} but rope_parameters type "
+            f"{rope_type!r}; remove one of them"
+        )
     merged = {**scaling, **params}
     if rope_type == "default":
         return float(theta), None, partial

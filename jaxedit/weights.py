@@ -28,7 +28,8 @@ class Entry:
 
 
 def _t(a: np.ndarray) -> tuple[np.ndarray, ...]:
-    return (np.ascontiguousarray(a.T),)
+    # A view: the loader copies it into its stacked buffer anyway (one copy, not two).
+    return (a.T,)
 
 
 def _t_back(parts: tuple[np.ndarray, ...]) -> np.ndarray:
