@@ -407,3 +407,58 @@ def last_positions(mask: Bool[Array, "B T"]) -> Int[Array, "B 1"]:
     T = mask.shape[1]
     idx = jnp.arange(T)[None, :]
     return jnp.max(jnp.where(mask, idx, -1), axis=1, keepdims=True)
+
+
+def run_layers(
+    cfg: ModelConfig,
+    params: Params,
+    h: Float[Array, "B T D"],
+    mask: Bool[Array, "B T"],
+    start: Int[Array, ""] | int,
+    *,
+    patch: Patch | None = None,
+    logit_positions: Int[Array, "B P"] | None = None,
+    positions: Int[Array, "B T"] | None = None,
+    cache: KVCache | None = None,
+) -> Float[Array, "B P V"]:
+    """Resume a forward pass: run blocks `start..L-1` from the residual state `h`, then logits.
+
+    `h` is the input of block `start` (the `resid` of block start-1, or the embeddings when
+    start = 0; start = L runs no block). `start` may be a traced scalar: the blocks run in a
+    `fori_loop` with a dynamic trip count, so one compiled program serves every start layer and
+    the layers below `start` are never recomputed (causal tracing restores a state at layer l
+    and reuses the corrupted run below it). `patch` is as in `forward` (mask/value [L B T X]).
+    `cache` holds the keys/values of a prefix these tokens follow (all L layers), and
+    `positions` their absolute positions (default: counted from `mask`, after the prefix).
+    """
+    mask = mask.astype(bool)
+    patch = {s: p for s, p in (patch or {}).items() if s != "embed"}
+    model = _merge(cfg, params)
+    if cache is None:
+        cache_positions = None
+        positions = positions_from_mask(mask) if positions is None else positions
+    else:
+        cache_positions = positions_from_mask(cache.mask)
+        if positions is None:
+            positions = positions_from_mask(mask) + jnp.sum(cache.mask, axis=-1)[:, None]
+    bias = _attention_bias(
+        cfg, mask, positions, None if cache is None else cache.mask, cache_positions
+    )
+    block_graph, block_state = nnx.split(model.blocks)
+
+    def body(i, h):
+        take = lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+        block = nnx.merge(block_graph, jax.tree.map(take, block_state))
+        patches = {s: SitePatch(take(p.mask), take(p.value), p.add) for s, p in patch.items()}
+        prefix_kv = None if cache is None else (take(cache.k), take(cache.v))
+        return block(h, positions, bias, patches, prefix_kv)[0]
+
+    h = jax.lax.fori_loop(start, cfg.n_layers, body, h.astype(jnp.float32))
+    if logit_positions is not None:
+        h = jnp.take_along_axis(h, logit_positions[..., None], axis=1)
+    h = model.final_norm(h)
+    if model.lm_head is None:
+        return jnp.dot(
+            h.astype(model.embed.dtype), model.embed[...].T, preferred_element_type=jnp.float32
+        )
+    return model.lm_head(h)
