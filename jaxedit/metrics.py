@@ -290,20 +290,34 @@ def score_ids(
     return TargetScores([np.asarray(t, np.int32) for t in target_ids], lp_out, am_out)
 
 
+def split_prefix(
+    tok: TextTokenizer, prefix: str, prompt_ids: list[list[int]], prompts: Sequence[str]
+) -> tuple[list[int], list[list[int]]]:
+    """(prefix ids, each prompt's ids after it) for an in-context prefix (IKE's context).
+
+    The prefix is tokenized once, with BOS; each prompt follows without BOS, so the prefix
+    ids are shared by every row (what `jaxedit.prefix_cache` caches). Trailing spaces of the
+    prefix move onto the prompts ("…Prompt: " + "The X" is read as "…Prompt:" + " The X"):
+    the ids are those a joint tokenization of the text gives, never a lone " " token.
+    """
+    head_text = prefix.rstrip(" \t")
+    glue = prefix[len(head_text) :]
+    head = tok.encode(head_text) if head_text else ([tok.bos_id] if tok.add_bos else [])
+    bodies = []
+    for ids, p in zip(prompt_ids, prompts, strict=True):
+        if glue:
+            bodies.append(tok.encode_continuation(glue + p.rstrip(" \t")))
+        else:
+            bodies.append(ids[1:] if tok.add_bos and ids[:1] == [tok.bos_id] else ids)
+    return head, bodies
+
+
 def with_prefix(
     tok: TextTokenizer, prefix: str, prompt_ids: list[list[int]], prompts: Sequence[str]
 ) -> list[list[int]]:
-    """Prepend an in-context prefix (IKE's `EditResult.context`) to every query.
-
-    The prefix is tokenized once, with BOS; each prompt follows without BOS, so the prefix
-    ids are shared by every row (a KV cache of the prefix gives the same numbers).
-    """
-    head = tok.encode(prefix)
-    out = []
-    for ids, _p in zip(prompt_ids, prompts, strict=True):
-        body = ids[1:] if tok.add_bos and ids[:1] == [tok.bos_id] else ids
-        out.append(head + body)
-    return out
+    """Prepend an in-context prefix to every query: prefix ids + prompt ids (`split_prefix`)."""
+    head, bodies = split_prefix(tok, prefix, prompt_ids, prompts)
+    return [head + b for b in bodies]
 
 
 def score_targets(
@@ -326,10 +340,18 @@ def score_targets(
         `.token_acc`, `.exact` per case.
     """
     p_ids, t_ids = encode_queries(lm.tokenizer, prompts, targets)
+    scorer = lm_scorer(lm)
     if prefix:
-        p_ids = with_prefix(lm.tokenizer, prefix, p_ids, prompts)
+        # The prefix runs once into a KV cache that every row attends to (same numbers as
+        # scoring `with_prefix` rows in full; tests/test_prefix_cache.py).
+        from jaxedit import prefix_cache
+
+        head, p_ids = split_prefix(lm.tokenizer, prefix, p_ids, prompts)
+        if head:  # (a prefix of spaces only leaves nothing to cache)
+            scorer = prefix_cache.prefix_scorer(lm, head)
+            max_rows = prefix_cache.max_rows_for(lm, bucket(len(head)), max_rows)
     return score_ids(
-        lm_scorer(lm), p_ids, t_ids, pad_id=lm.tokenizer.pad_id, padding=padding, max_rows=max_rows
+        scorer, p_ids, t_ids, pad_id=lm.tokenizer.pad_id, padding=padding, max_rows=max_rows
     )
 
 

@@ -167,8 +167,9 @@ def max_rows_for(lm: LanguageModel, slots: int, max_rows: int) -> int:
     """Rows per call such that the broadcast cache stays under `CACHE_BYTES_PER_CALL`."""
     cfg = lm.config
     per_row = 2 * cfg.n_layers * slots * cfg.n_kv_heads * cfg.head_dim * 4
-    fit = max(1, CACHE_BYTES_PER_CALL // per_row)
-    return max(1, min(max_rows, fit))
+    fit = min(max_rows, max(1, CACHE_BYTES_PER_CALL // per_row))
+    # A row bucket, so that callers padding rows to buckets stay within the cap.
+    return max([b for b in ROW_BUCKETS if b <= fit] or [fit])
 
 
 def _bucket_in(n: int, buckets: Sequence[int]) -> int:

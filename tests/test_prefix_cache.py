@@ -86,3 +86,43 @@ def test_bad_input(smollm):
     with pytest.raises(InputError):
         prefix_cache.encode_prefix(smollm, [1] * (smollm.config.max_positions + 1))
     assert prefix_cache.score_continuations(smollm, head, [], []) == ([], [])
+
+
+# ----------------------------------------------------------------------------- metrics' prefix path
+
+CONTEXTS = [
+    "New Fact: Rome\nPrompt: ",  # short, ends in a space (IKE's layout)
+    PREFIX + " ",
+    PREFIX.replace("Prompt:", "Prompt:\n") * 2,  # longer, ends in a newline
+]
+
+
+@pytest.mark.parametrize("ctx,padding", [(0, "left"), (1, "right"), (2, "left"), (2, "right")])
+def test_metrics_prefix_uses_cache_and_matches_full_rows(smollm, ctx, padding):
+    from jaxedit import metrics
+
+    prefix = CONTEXTS[ctx]
+    prompts = [p.strip() for p, _ in QUERIES]
+    targets = [t.strip() for _, t in QUERIES]
+    cached = metrics.score_targets(smollm, prompts, targets, prefix=prefix, padding=padding)
+    p_ids, t_ids = metrics.encode_queries(smollm.tokenizer, prompts, targets)
+    rows = metrics.with_prefix(smollm.tokenizer, prefix, p_ids, prompts)
+    full = metrics.score_ids(metrics.lm_scorer(smollm), rows, t_ids, padding=padding)
+    # Rows here are laid out differently from the full rows (T buckets, batch shapes), which
+    # alone moves fp32 log-probs by a few 1e-5 (benchmarks/results/ike.json, "noise_floor").
+    for a, b in zip(cached.logprobs, full.logprobs, strict=True):
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-5)
+    for a, b in zip(cached.argmax, full.argmax, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_prefix_trailing_space_joins_like_the_text(smollm):
+    """ "…Prompt: " + "The X" is tokenized as the joined text: no lone " " token."""
+    from jaxedit import metrics
+
+    tok = smollm.tokenizer
+    prefix, prompt = "New Fact: The Eiffel Tower is in Rome\nPrompt: ", "The Eiffel Tower is in"
+    p_ids, _ = metrics.encode_queries(tok, [prompt], ["Rome"])
+    (row,) = metrics.with_prefix(tok, prefix, p_ids, [prompt])
+    assert row == tok.encode(prefix + prompt)
+    assert tok.encode(" ")[-1] not in row
