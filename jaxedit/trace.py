@@ -283,8 +283,11 @@ def _grid(cfg, params, prep, mask, kinds, positions, T, window, samples, chunk_t
     pending = []
     for suffix, cells in plan_cells(L, kinds, positions, T, window).items():
         # Chunk size: a token budget per chunk, at most the group (rounded up to a power of
-        # two so that few shapes compile) and at most 64 cells (the [C S V] logits).
-        C = min(64, _pow2(len(cells)), max(1, chunk_tokens // (samples * suffix)))
+        # two so that few shapes compile), at most 64 cells (the [C S V] logits), and a few
+        # start layers' worth of cells: a chunk runs from the lowest start layer among its cells.
+        per_start = max(1, len(cells) // L)
+        budget = max(1, chunk_tokens // (samples * suffix))
+        C = min(64, _pow2(len(cells)), budget, max(8, 4 * _pow2(per_start)))
         for i in range(0, len(cells), C):
             part = cells[i : i + C]
             n = len(part)
@@ -666,7 +669,7 @@ def clean_top1(lm, id_lists: Sequence[Sequence[int]], batch_size: int = 32) -> l
     out = []
     for i in range(0, len(id_lists), batch_size):
         part = [list(ids) for ids in id_lists[i : i + batch_size]]
-        part += [part[-1]] * (batch_size - len(part))  # one shape per length bucket
+        part += [part[-1]] * (_pow2(len(part)) - len(part))  # few shapes per length bucket
         batch = lm.tokenizer.batch(part, padding="left")
         logits = forward_jit(
             lm.config,

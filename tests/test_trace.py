@@ -74,7 +74,8 @@ def test_grid_equals_cell_by_cell_loop(small, smollm):
 
 
 def test_zero_noise_gives_high_score_everywhere(smollm):
-    r = tr.trace(smollm, PROMPT, SUBJECT, samples=1, noise=0.0, rows=[3, 9])
+    # Same shapes as the fixture (samples, rows): the compiled programs are reused.
+    r = tr.trace(smollm, PROMPT, SUBJECT, samples=SAMPLES, noise=0.0, rows=[3, 9])
     assert r["low_score"] == pytest.approx(r["high_score"], abs=1e-4)
     for kind in tr.KINDS:
         scores = r["kinds"][kind]["scores"][[3, 9]]
@@ -82,12 +83,13 @@ def test_zero_noise_gives_high_score_everywhere(smollm):
 
 
 def test_noise_draws_are_paired_and_seeded(small, smollm):
-    again = tr.trace(smollm, PROMPT, SUBJECT, samples=SAMPLES, rows=[9], seed=1, kinds=["mlp"])
+    again = tr.trace(smollm, PROMPT, SUBJECT, samples=SAMPLES, rows=[9], seed=1)
     assert again["low_score"] == small["low_score"]
-    np.testing.assert_allclose(
-        again["kinds"]["mlp"]["scores"][9], small["kinds"]["mlp"]["scores"][9], atol=1e-6
-    )
-    other = tr.trace(smollm, PROMPT, SUBJECT, samples=SAMPLES, rows=[9], seed=2, kinds=["mlp"])
+    for kind in tr.KINDS:
+        np.testing.assert_allclose(
+            again["kinds"][kind]["scores"][9], small["kinds"][kind]["scores"][9], atol=1e-6
+        )
+    other = tr.trace(smollm, PROMPT, SUBJECT, samples=SAMPLES, rows=[9], seed=2)
     assert other["low_score"] != small["low_score"]
 
 
@@ -236,7 +238,6 @@ def test_trace_dataset_skips_wrong_predictions(smollm):
     summary, results = tr.trace_dataset(
         smollm,
         facts,
-        kinds=["mlp"],
         samples=SAMPLES,
         noise=0.1,
         classes=["last token"],
