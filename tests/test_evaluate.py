@@ -243,3 +243,14 @@ def test_cli_none_on_counterfact(data_dir, tmp_path, capsys):
     assert res["method"] == "none" and res["n"] == 3
     assert res["metrics"]["efficacy_score"]["n"] == 3
     assert (out / "results.json").exists() and (out / "results.md").exists()
+
+
+@pytest.mark.slow
+def test_generation_metrics(tiny):
+    from jaxedit import metrics
+
+    r = facts.FACTS[0]
+    tf = metrics.TfIdf.fit(["the eiffel tower is in paris", "rome is in italy", "a b c d e"])
+    r2 = type(r)(**{**r.__dict__, "extra": {"reference_texts": ["Rome is a city in Italy."]}})
+    m = evaluate.generation_metrics(tiny, r2, max_new_tokens=8, tfidf=tf)
+    assert m["fluency"] >= 0 and 0 <= m["consistency"] <= 1
