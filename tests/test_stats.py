@@ -1,0 +1,200 @@
+"""Key second-moment statistics: streaming = one-shot, 8 devices = 1, cache validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxedit import stats
+from jaxedit.checkpoint import LanguageModel
+from jaxedit.config import ModelConfig
+from jaxedit.errors import CheckpointError, InputError
+from jaxedit.model import forward_jit, init_params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_lm(seed: int = 0) -> LanguageModel:
+    cfg = ModelConfig(
+        model_type="llama",
+        family="llama",
+        vocab_size=64,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        d_ff=48,
+        max_positions=128,
+        rotary_dim=8,
+    )
+    tok = SimpleNamespace(
+        pad_id=0, bos_id=1, eos_id=2, tok=SimpleNamespace(token_to_id=lambda t: None)
+    )
+    return LanguageModel("tiny", cfg, init_params(cfg, seed), tok)
+
+
+def random_docs(n: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 64, rng.integers(lo, hi)).tolist() for _ in range(n)]
+
+
+def one_shot(lm: LanguageModel, layer: int, docs: list[list[int]]) -> np.ndarray:
+    """Reference: every document alone (no padding), keys stacked, Kᵀ K / N in float64."""
+    keys = []
+    for d in docs:
+        out = forward_jit(lm.config, lm.params, jnp.asarray([d], jnp.int32), capture=("mlp_key",))
+        keys.append(np.asarray(out.captured["mlp_key"][layer, 0], np.float64))
+    K = np.concatenate(keys)
+    return K.T @ K / len(K)
+
+
+def test_streaming_equals_one_shot_tiny():
+    lm = tiny_lm()
+    docs = random_docs(30)
+    ref = one_shot(lm, 1, docs)
+    small, n_small = stats.second_moment(lm, 1, docs, batch_tokens=64)  # many small batches
+    big, n_big = stats.second_moment(lm, 1, docs, batch_tokens=1 << 16)  # one batch
+    assert n_small == n_big == sum(map(len, docs))
+    np.testing.assert_allclose(small, ref, rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(big, ref, rtol=2e-5, atol=1e-7)
+
+
+def test_streaming_equals_one_shot_smollm(smollm, data_dir):
+    corpus = os.path.join(data_dir, "wikitext", "wiki.test.raw")
+    c = stats.load_corpus(smollm, corpus, n_tokens=300, max_len=48)
+    assert sum(map(len, c.docs)) == 300 and c.fingerprint.startswith("file-")
+    streamed, n = stats.second_moment(smollm, 2, c.docs, batch_tokens=96)
+    assert n == 300
+    np.testing.assert_allclose(streamed, one_shot(smollm, 2, c.docs), rtol=1e-4, atol=1e-6)
+
+
+def test_eight_simulated_devices_equal_one():
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import jax
+        sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+        from test_stats import tiny_lm, random_docs
+        from jaxedit import stats
+        import numpy as np
+        assert jax.local_device_count() == 8, jax.local_device_count()
+        lm = tiny_lm()
+        docs = random_docs(50, seed=1)
+        c8, n8 = stats.second_moment(lm, 2, docs, batch_tokens=256)
+        c1, n1 = stats.second_moment(lm, 2, docs, batch_tokens=256, devices=jax.devices()[:1])
+        print(json.dumps({{"n8": n8, "n1": n1, "mesh": stats.data_mesh().devices.size,
+                           "err": float(np.max(np.abs(c8 - c1)) / np.max(np.abs(c1)))}}))
+        """
+    )
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["mesh"] == 8 and r["n8"] == r["n1"]
+    assert r["err"] < 1e-5
+
+
+def test_cache_roundtrip_and_tamper(tmp_path):
+    lm = tiny_lm()
+    corpus = tmp_path / "corpus.jsonl"
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta"]
+    corpus.write_text(
+        "\n".join(json.dumps({"text": " ".join(rng.choice(words, 12))}) for _ in range(20))
+    )
+    lm = LanguageModel(lm.name, lm.config, lm.params, _WordTok())
+    kw = dict(n_tokens=150, max_len=32, cache_dir=tmp_path / "cache")
+    first = stats.layer_stats(lm, 1, str(corpus), **kw)
+    assert not first.meta["from_cache"] and first.count == 150
+    again = stats.layer_stats(lm, 1, str(corpus), **kw)
+    assert again.meta["from_cache"]
+    np.testing.assert_array_equal(again.mom2, first.mom2)
+    path = first.meta["cache"]
+    # another layer / token count is another file
+    other = stats.layer_stats(lm, 2, str(corpus), **kw)
+    assert other.meta["cache"] != path and not other.meta["from_cache"]
+
+    # tamper: same metadata, one changed entry -> the checksum catches it
+    with np.load(path) as z:
+        mom2, meta = np.array(z["mom2"]), str(z["meta"])
+    mom2[0, 0] += 1.0
+    np.savez(path, mom2=mom2, meta=np.array(meta))
+    with pytest.raises(CheckpointError, match="checksum"):
+        stats.load_stats(path)
+    with pytest.raises(CheckpointError):
+        stats.layer_stats(lm, 1, str(corpus), on_bad_cache="error", **kw)
+    rebuilt = stats.layer_stats(lm, 1, str(corpus), **kw)  # rebuilt, never silently used
+    assert not rebuilt.meta["from_cache"]
+    np.testing.assert_allclose(rebuilt.mom2, first.mom2, rtol=1e-6)
+    assert stats.layer_stats(lm, 1, str(corpus), **kw).meta["from_cache"]
+
+    # a truncated file and a non-finite matrix are refused too
+    with open(path, "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(CheckpointError):
+        stats.load_stats(path)
+    bad = stats.Stats(np.full((48, 48), np.nan, np.float32), 1, {**first.meta, "width": 48})
+    stats.save_stats(path, bad)
+    with pytest.raises(CheckpointError, match="non-finite"):
+        stats.load_stats(path)
+    # a file keyed for other settings is refused
+    stats.save_stats(path, first)
+    with pytest.raises(CheckpointError, match="other settings"):
+        stats.load_stats(path, {**stats.load_stats(path).meta, "layer": 7})
+    assert not list((tmp_path / "cache").glob("*.tmp"))  # atomic writes leave no temp files
+
+
+def test_corpus_errors(tmp_path):
+    lm = tiny_lm()
+    with pytest.raises(InputError, match="not 'self'"):
+        stats.layer_stats(lm, 0, str(tmp_path / "missing.txt"), cache_dir=tmp_path)
+    with pytest.raises(InputError, match="out of range"):
+        stats.layer_stats(lm, 3, "self", cache_dir=tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": 3}\n')
+    with pytest.raises(InputError, match="text"):
+        stats.load_corpus(
+            LanguageModel("t", lm.config, lm.params, _WordTok()), str(bad), n_tokens=10
+        )
+
+
+def test_self_corpus_sampling_is_seeded():
+    lm = tiny_lm()
+    a = stats.sample_tokens(lm, 5, 7, seed=3)
+    b = stats.sample_tokens(lm, 5, 7, seed=3)
+    c = stats.sample_tokens(lm, 5, 7, seed=4)
+    assert a.shape == (5, 7)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    top1 = stats.sample_tokens(lm, 3, 6, seed=0, top_k=1)  # top-1 sampling is greedy
+    assert (top1 == top1[0]).all()
+
+
+class _WordTok:
+    """A whitespace tokenizer over a tiny vocabulary (ids < 64) for file corpora."""
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+    tok = SimpleNamespace(token_to_id=lambda t: None)
+
+    def encode(self, text: str) -> list[int]:
+        return [3 + (sum(map(ord, w)) % 60) for w in text.split()]
