@@ -1,0 +1,220 @@
+"""ROME on the embedded model: jaxedit vs a PyTorch baseline that mirrors kmeng01/rome.
+
+Measured in one run, on the same weights, templates, request and statistics corpus:
+- statistics: tokens/s of C = E[k kᵀ] at the preset's layer over wikitext.
+  jaxedit: jitted truncated forward (`n_layers = layer + 1`), packed batches, steady state.
+  baseline: transformers model + forward hook on `mlp.down_proj` input, batch by batch, the
+  forward stopped at the layer by an exception (as ROME's `layer_stats` / `nethook.Trace(stop=
+  True)`), k kᵀ summed per batch.
+- edit: seconds per ROME edit with the statistics given (u, v* optimisation, update).
+  jaxedit: `rome.edit` (one jitted while_loop), after a warm-up edit of the same shapes.
+  baseline: `compute_u` / `compute_v` re-enacted: hooks on the MLP output adding δ at the last
+  subject token, full forward per step, Python loop with torch Adam, clamp, early stop.
+
+    uv run python benchmarks/rome.py [--tokens 4096] [--templates 3] [--steps 10]
+
+Writes benchmarks/results/rome.json with the ratios (baseline seconds / jaxedit seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jaxedit import rome, stats
+from jaxedit.checkpoint import load, save_hf
+from jaxedit.requests import EditRequest
+from jaxedit.tokenizer import bucket
+
+HERE = Path(__file__).parent
+DATA = HERE.parent.parent / "shared" / "data" / "wikitext" / "wiki.test.raw"
+REQ = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower",
+                  target_new="Rome")  # fmt: skip
+
+
+def torch_stats(model, layer: int, docs, batch_tokens: int) -> tuple[np.ndarray, int, float]:
+    import torch
+
+    F = model.config.intermediate_size
+    acc = torch.zeros(F, F, dtype=torch.float32)
+    count = 0
+    feats = {}
+
+    class Stop(Exception):
+        pass
+
+    def hook(mod, inputs):
+        feats["k"] = inputs[0]
+        raise Stop
+
+    h = model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(hook)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for tokens, mask in stats.pack(docs, 0, batch_tokens):
+            ids, m = torch.from_numpy(tokens).long(), torch.from_numpy(mask).long()
+            try:
+                model(input_ids=ids, attention_mask=m)
+            except Stop:
+                pass
+            k = feats["k"][m.bool()].float()
+            acc += k.T @ k
+            count += int(m.sum())
+    h.remove()
+    return (acc / count).numpy(), count, time.perf_counter() - t0
+
+
+def torch_edit(model, lm, hp, C, templates) -> tuple[np.ndarray, np.ndarray, int, float]:
+    """ROME's compute_u + compute_v + update, as the reference code runs them."""
+    import torch
+
+    t0 = time.perf_counter()
+    b = rome.build_batch(lm, REQ, templates, hp.kl_prompt)
+    R = len(templates)
+    ids = torch.from_numpy(b.tokens).long()
+    mask = torch.from_numpy(b.mask).long()
+    lookup = b.lookup.tolist()
+    layer = hp.layer
+    mlp = model.model.layers[layer].mlp
+    # compute_u: keys at the last subject token, averaged over templates, u = C⁻¹k*
+    got = {}
+    h = mlp.down_proj.register_forward_pre_hook(lambda m, i: got.__setitem__("k", i[0]))
+    h2 = mlp.register_forward_hook(lambda m, i, o: got.__setitem__("v", o))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    h.remove()
+    h2.remove()
+    keys = torch.stack([got["k"][i, lookup[i]] for i in range(R)]).double()
+    vals = torch.stack([got["v"][i, lookup[i]] for i in range(R)]).double()
+    k_star = keys.mean(0)
+    u = torch.linalg.solve(torch.from_numpy(np.asarray(C, np.float64)), k_star)
+    u = u / u.norm()
+    # compute_v: δ at the MLP output, full forward each step, Python loop
+    delta = torch.zeros(lm.config.d_model, requires_grad=True)
+    target_init = got["v"][0, lookup[0]].detach().clone()
+
+    def add_delta(m, i, out):
+        out = out.clone()
+        for r, idx in enumerate(lookup):
+            out[r, idx, :] += delta
+        return out
+
+    h = mlp.register_forward_hook(add_delta)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    targets = torch.from_numpy(b.targets).long()
+    pos = torch.from_numpy(b.logit_pos).long()
+    kl_init = None
+    steps = 0
+    for it in range(hp.v_num_grad_steps):
+        steps += 1
+        opt.zero_grad()
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        rows = torch.arange(R)[:, None]
+        tok_logp = logp[rows, pos[:R]].gather(-1, targets[..., None])[..., 0]
+        nll = (-tok_logp.mean(-1)).mean()
+        kl_logp = logp[R, lookup[R]][None]
+        if kl_init is None:
+            kl_init = kl_logp.detach().clone()
+        kl = torch.nn.functional.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
+        wd = hp.v_weight_decay * (torch.norm(delta) / torch.norm(target_init) ** 2)
+        loss = nll + hp.kl_factor * kl + wd
+        if loss < hp.early_stop_loss or it == hp.v_num_grad_steps - 1:
+            break
+        loss.backward()
+        opt.step()
+        max_norm = hp.clamp_norm_factor * target_init.norm()
+        if delta.norm() > max_norm:
+            with torch.no_grad():
+                delta[...] = delta * max_norm / delta.norm()
+    h.remove()
+    v_star = target_init.double() + delta.detach().double()
+    right = (v_star - vals.mean(0)) / torch.dot(k_star, u)
+    return u.numpy(), right.numpy(), steps, time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=4096, help="statistics tokens")
+    ap.add_argument("--templates", type=int, default=3, help="generated templates per length")
+    ap.add_argument("--steps", type=int, default=10, help="v* steps (early stop disabled)")
+    ap.add_argument("--out", default=str(HERE / "results" / "rome.json"))
+    a = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    lm = load("smollm2-135m")
+    # Fixed step count on both sides (early stop off), so the loops do the same work.
+    hp = rome.load_hparams("smollm2-135m").replace(
+        v_num_grad_steps=a.steps, early_stop_loss=0.0,
+        context_template_length_params=((5, a.templates), (10, a.templates)),
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as d:
+        save_hf(lm, Path(d) / "m")
+        model = AutoModelForCausalLM.from_pretrained(Path(d) / "m", torch_dtype=torch.float32)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    c = stats.load_corpus(lm, str(DATA), n_tokens=a.tokens, max_len=256)
+    n_tok = sum(map(len, c.docs))
+    stats.second_moment(lm, hp.layer, c.docs[:8])  # compile the buckets once ...
+    for T in sorted({bucket(len(d)) for d in c.docs}):
+        stats.second_moment(lm, hp.layer, [[1] * T])
+    t0 = time.perf_counter()
+    C, _ = stats.second_moment(lm, hp.layer, c.docs)  # ... then the steady state
+    jax_stats_s = time.perf_counter() - t0
+    C_t, _, torch_stats_s = torch_stats(model, hp.layer, c.docs, 4096)
+    c_err = float(np.max(np.abs(C - C_t)) / np.max(np.abs(C)))
+
+    templates = rome.context_templates(lm, hp.context_template_length_params, seed=0)
+    t0 = time.perf_counter()
+    _, rec_warm = rome.edit(lm, REQ, hp, stats=C, templates=templates)  # compile
+    jax_first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    new, rec = rome.edit(lm, REQ, hp, stats=C, templates=templates)
+    jax_edit_s = time.perf_counter() - t0
+    u_t, v_t, steps_t, torch_edit_s = torch_edit(model, lm, hp, C, templates)
+    cos_v = float(np.dot(rec.v, v_t) / np.linalg.norm(rec.v) / np.linalg.norm(v_t))
+    cos_u = float(abs(np.dot(rec.u, u_t)) / np.linalg.norm(u_t))
+    result = {
+        "model": "smollm2-135m",
+        "layer": hp.layer,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+        "stats": {
+            "tokens": n_tok,
+            "jaxedit_tokens_per_s": round(n_tok / jax_stats_s, 1),
+            "torch_tokens_per_s": round(n_tok / torch_stats_s, 1),
+            "speedup": round(torch_stats_s / jax_stats_s, 2),
+            "max_rel_diff_C": c_err,
+            "baseline": "transformers + forward pre-hook on mlp.down_proj, forward stopped at "
+            "the layer by an exception (ROME layer_stats), fp32 k kᵀ per batch",
+        },
+        "edit": {
+            "templates": len(templates),
+            "steps": a.steps,
+            "jaxedit_seconds": round(jax_edit_s, 3),
+            "jaxedit_first_call_seconds": round(jax_first_s, 3),
+            "torch_seconds": round(torch_edit_s, 3),
+            "torch_steps": steps_t,
+            "speedup": round(torch_edit_s / jax_edit_s, 2),
+            "cosine_v_vs_torch": cos_v,
+            "cosine_u_vs_torch": cos_u,
+            "baseline": "transformers + forward hooks adding δ at the MLP output, full forward "
+            "per step, Python loop with torch.optim.Adam (ROME compute_u / compute_v)",
+        },
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
