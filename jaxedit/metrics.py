@@ -265,16 +265,21 @@ def score_ids(
     padding: str = "right",
     max_rows: int = ROW_BUCKETS[-1],
 ) -> TargetScores:
-    """Score token-id queries in batches. Rows are sorted by length so each batch is tight."""
+    """Score token-id queries in batches that waste little padding.
+
+    Rows are grouped by their length bucket T (a 12-token row is never padded to 32 because
+    a 20-token row shares its batch), and each group is cut into chunks whose sizes are row
+    buckets (120 rows -> 32+32+32+8+8+8, not 128): compute is spent on real tokens, and
+    shapes stay within a few compiled buckets.
+    """
     n = len(prompt_ids)
     if n == 0:
         return TargetScores([], [], [])
-    order = sorted(range(n), key=lambda i: len(prompt_ids[i]) + len(target_ids[i]))
+    length = [len(prompt_ids[i]) + len(target_ids[i]) - 1 for i in range(n)]
+    order = sorted(range(n), key=lambda i: (bucket(length[i]), length[i]))
     lp_out: list[np.ndarray | None] = [None] * n
     am_out: list[np.ndarray | None] = [None] * n
-    for lo in range(0, n, max_rows):
-        idx = order[lo : lo + max_rows]
-        rows = _bucket_in(len(idx), ROW_BUCKETS)
+    for idx, rows in _chunks(order, [bucket(length[i]) for i in order], max_rows):
         pk = pack(
             [prompt_ids[i] for i in idx],
             [target_ids[i] for i in idx],
@@ -288,6 +293,23 @@ def score_ids(
             k = len(target_ids[i])
             lp_out[i], am_out[i] = lp[r, :k], am[r, :k]
     return TargetScores([np.asarray(t, np.int32) for t in target_ids], lp_out, am_out)
+
+
+def _chunks(order: list[int], buckets: list[int], max_rows: int):
+    """(row indices, padded row count) per call: one length bucket per call, chunk sizes
+    taken greedily from the row buckets (the remainder < smallest bucket is padded)."""
+    sizes = [b for b in ROW_BUCKETS if b <= max_rows] or [max_rows]
+    lo = 0
+    while lo < len(order):
+        hi = lo
+        while hi < len(order) and buckets[hi] == buckets[lo]:
+            hi += 1
+        while lo < hi:
+            left = hi - lo
+            size = max([b for b in sizes if b <= left] or [min(sizes)])
+            take = min(size, left)
+            yield order[lo : lo + take], size
+            lo += take
 
 
 def split_prefix(
