@@ -115,7 +115,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "trace.json"), "w") as f:
         json.dump(result, f, indent=1)
-    with open(os.path.join(args.out, "trace_eiffel.json"), "w") as f:
+    with open(os.path.join(args.out, "trace_example.json"), "w") as f:
         json.dump(tr.to_json(warm), f)
     print(json.dumps(result, indent=1))
 

@@ -9,11 +9,16 @@ For a prompt x whose clean run predicts the answer o (the clean top-1 next token
                     a paired comparison) with one state set back to its clean value, where
                       hidden: the block output (`resid`) of token i at layer l,
                       mlp / attn: the module outputs (`mlp_out` / `attn_out`) of token i at the
-                                  window of layers [l - w//2, l + w//2) clipped to [0, L)
+                                  window of layers [l - w//2, l + ceil(w/2)) clipped to [0, L)
     indirect effect IE = scores - low_score;  average over facts per token class = AIE.
 
 nu = 3 sigma by default, sigma the standard deviation of the token embeddings of the subject
 tokens (of the data set, or of the prompt for one fact); a plain float is accepted too.
+Differences from kmeng01/rome, all deliberate: sigma is taken over the subject tokens as they
+occur in the prompts (ROME re-tokenizes each subject alone); the noise comes from
+`numpy.random.default_rng(seed)` (ROME: `RandomState(1)`), the same draws for every cell; in
+data-set mode a fact counts as correctly predicted when the clean top-1 token is the first
+token of the expected answer (ROME compares the decoded token with the whole answer string).
 
 How the grid is computed (and why it is fast): the reference implementation runs one batched
 forward (samples + 1 rows, full logits) per grid cell in a Python loop, 3 * T * L forwards per
