@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="independent", choices=evaluate.MODES)
     p.add_argument("--every", type=int, default=None, help="sequential: measure every N edits")
     p.add_argument("--batch-size", type=int, default=None, help="batch mode: requests per edit")
-    p.add_argument("--out", default=None, help="output directory (default: results/eval/...)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/eval/METHOD-DATA)")
     p.add_argument("--resume", action="store_true", help="skip cases already in --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--generation", action="store_true", help="also fluency (and consistency)")
@@ -89,7 +89,7 @@ def run(args) -> dict:
     tfidf = None
     if args.generation and args.idf_corpus:
         tfidf = metrics.TfIdf.fit(metrics.load_corpus(args.idf_corpus))
-    out = args.out or str(Path("results") / "eval" / f"{args.method}-{Path(args.data).stem}")
+    out = args.out or str(Path("runs") / "eval" / f"{args.method}-{Path(args.data).stem}")
     hparams = getattr(args, "hparams", None)
     result = evaluate.evaluate(
         lm,
