@@ -124,7 +124,16 @@ def counterfact_scores(lm, editor_dir: str, n_eval: int, offset: int = 0) -> dic
     known = [r for r, p in zip(ds.requests, pre, strict=True) if ev._known(r, p)][:n_eval]
     edit = mend.make_editor(lm, trained)
     res = ev.evaluate(lm, known, edit, method="mend", progress=True)
-    return {"editor": editor_dir, "train_step": trained.step, "n": len(known), **res}
+    print(ev.table(res))
+    keep = ("metrics", "baseline", "seconds", "known_only")
+    return {
+        "editor": editor_dir,
+        "train_step": trained.step,
+        "train_config": trained.config.get("hparams"),
+        "n": len(known),
+        "table": ev.table(res),
+        **{k: res[k] for k in keep if k in res},
+    }
 
 
 def main() -> None:
@@ -147,16 +156,19 @@ def main() -> None:
         "jax": jax.__version__,
         "devices": [str(d) for d in jax.devices()],
     }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    save = lambda: OUT.write_text(json.dumps(result, indent=2, default=float))
+    if args.editor:  # first: the slowest and most important part
+        result["counterfact"] = counterfact_scores(lm, args.editor, args.n_eval)
+        print(json.dumps(result["counterfact"], indent=1, default=float)[:3000])
+        save()
     if not args.skip_timing:
         result["edit_latency"] = edit_latency(lm, hp, requests, args.n_latency)
         print("edit latency", result["edit_latency"])
+        save()
         result["training"] = train_throughput(lm, hp, args.train_steps)
         print("training", result["training"])
-    if args.editor:
-        result["counterfact"] = counterfact_scores(lm, args.editor, args.n_eval)
-        print(json.dumps(result["counterfact"], indent=1, default=float)[:3000])
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2, default=float))
+        save()
 
 
 if __name__ == "__main__":
