@@ -158,7 +158,7 @@ def main():
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
         save_hf(lm, Path(d) / "m")
-        model = AutoModelForCausalLM.from_pretrained(Path(d) / "m", torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(Path(d) / "m", dtype=torch.float32)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

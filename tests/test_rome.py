@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -290,16 +288,3 @@ def test_acceptance_full_preset_reproducible(smollm, wiki_stats):
     np.testing.assert_array_equal(rec.v, rec2.v)
     assert top_k(new, EIFFEL.rewrite_prompt, 1)[0]["token"] == " Rome"
     assert top_k(new, "The capital of Germany is", 1)[0]["token"] == " Berlin"
-
-
-def test_no_torch_in_package():
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import jaxedit.rome, jaxedit.stats, sys; print('torch' in sys.modules)",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert out.stdout.strip() == "False", out.stderr[-2000:]
