@@ -6,7 +6,7 @@ rewrite / paraphrase / neighbourhood queries of CounterFact cases, `--method non
 
   - baseline: a straightforward loop, one (prompt, target) row per call (rows padded only to
     the same T / P shape buckets, so it compiles as rarely as the batched side);
-  - batched: `metrics.score_ids`, rows sorted by length and packed up to 128 per call.
+  - batched: `metrics.score_ids`, rows grouped by length bucket, chunks of 8/32/128 rows.
 
 Compilation is excluded (both warmed up on the same shapes first). Also checks that both give
 the same log-probabilities.
@@ -91,7 +91,7 @@ def main() -> None:
             "cases_per_s": len(reqs) / t_loop,
         },
         "batched": {
-            "name": "metrics.score_ids (length-sorted, up to 128 rows per call)",
+            "name": "metrics.score_ids (batches of one length bucket, 8/32/128 rows)",
             "seconds": t_batch,
             "queries_per_s": n / t_batch,
             "cases_per_s": len(reqs) / t_batch,
