@@ -1,5 +1,6 @@
 """Plots of causal traces: per-fact heatmaps and data-set average effects (Meng et al. 2022,
-Figures 1 and 2). Matplotlib with the Agg backend: files, no display needed.
+Figures 1 and 2). Matplotlib with the Agg backend (files, no display needed) unless pyplot was
+imported first (a notebook keeps its inline backend).
 
 Heatmaps: tokens on y (subject tokens starred), layers on x, colour = p(answer) from
 `low_score` up; purple = hidden states, green = MLP, red = attention (the paper's colours).
@@ -8,12 +9,14 @@ Heatmaps: tokens on y (subject tokens starred), layers on x, colour = p(answer) 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
+if "matplotlib.pyplot" not in sys.modules:  # keep a notebook's inline backend
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -53,7 +56,8 @@ def heatmap(result: dict[str, Any], kind: str, ax=None):
     )
     cb = plt.colorbar(mesh, ax=ax)
     cb.ax.tick_params(labelsize=7)
-    cb.ax.set_title(f"p({result['answer'].strip()})", fontsize=8)
+    # Below the colour bar, as in the paper (on top it collides with the title).
+    cb.ax.set_title(f"p({result['answer'].strip()})", fontsize=8, y=-0.12)
     return ax
 
 

@@ -310,3 +310,22 @@ def test_cli_single_fact(cli_model, capsys, tmp_path):
     assert abs(hidden[-1, -1] - out["high_score"]) <= 1e-4
     for kind in tr.KINDS:
         assert (tmp_path / f"trace_{kind}.png").exists()
+
+
+@pytest.mark.slow
+def test_cli_dataset(cli_model, capsys, tmp_path):
+    from jaxedit.cli import main
+
+    data = tmp_path / "facts.json"
+    facts = [
+        {"prompt": PROMPT, "subject": SUBJECT, "attribute": "Paris"},
+        {"prompt": PROMPT, "subject": SUBJECT, "attribute": "Rome"},
+    ]
+    data.write_text(json.dumps(facts))
+    argv = ["trace", "--data", str(data), "--n", "5", "--kinds", "mlp", "--samples", "2"]
+    assert main([*argv, "--out", str(tmp_path), "--no-progress"]) == 0
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert (summary["n_facts"], summary["n_skipped"]) == (1, 1)
+    assert len(summary["kinds"]["mlp"]["last subject token"]["mean"]) == summary["layers"]
+    assert (tmp_path / "average_effects.png").exists()
+    assert "1 facts traced, 1 skipped" in capsys.readouterr().out
