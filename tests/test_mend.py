@@ -217,6 +217,7 @@ def _train_setup(smollm, cases):
     return lm, hp, layout, data
 
 
+@pytest.mark.slow  # ~85 s on 2 cores: compiles the train step twice (jit and eager)
 def test_jit_train_step_equals_eager(smollm, cases):
     lm, hp, layout, data = _train_setup(smollm, cases)
     hp = hp.replace(accumulate=1)  # one step performs the Adam update
@@ -241,6 +242,7 @@ def test_batch_indices_pure_and_cover_epochs():
     assert sorted(flat[:10]) == list(range(10))  # first epoch is a permutation
 
 
+@pytest.mark.slow  # ~100 s on 2 cores: trains three times
 def test_resume_is_bit_identical(smollm, cases, tmp_path):
     lm, hp, _, _ = _train_setup(smollm, cases)
     kw = dict(steps=4, val_every=2, val_size=4, log_every=1, progress=False)

@@ -111,7 +111,8 @@ def test_metrics_prefix_uses_cache_and_matches_full_rows(smollm, ctx, padding):
     # Rows here are laid out differently from the full rows (T buckets, batch shapes), which
     # alone moves fp32 log-probs by a few 1e-5 (benchmarks/results/ike.json, "noise_floor").
     for a, b in zip(cached.logprobs, full.logprobs, strict=True):
-        np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-5)
+        # Seen up to 7.6e-5 absolute on a log-prob of -2.5 (3e-5 relative) for one layout.
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
     for a, b in zip(cached.argmax, full.argmax, strict=True):
         np.testing.assert_array_equal(a, b)
 

@@ -17,28 +17,13 @@ from pathlib import Path
 
 from jaxedit import methods
 from jaxedit.checkpoint import save_hf
-from jaxedit.commands._common import load_model
+from jaxedit.commands._common import SharedFlags, load_model
 from jaxedit.errors import InputError
 from jaxedit.generate import top_k
 from jaxedit.requests import EditRequest, from_prompt
 
 NAME = "edit"
 HELP = "edit a fact (ROME, MEND, IKE, ...) and compare top predictions before and after"
-
-
-class _SharedFlags:
-    """Lets several methods add flags to one parser; a flag already defined is skipped."""
-
-    def __init__(self, parser: argparse.ArgumentParser, group):
-        self._parser, self._group = parser, group
-
-    def add_argument(self, *names, **kw):
-        if any(n in self._parser._option_string_actions for n in names if n.startswith("-")):
-            return None
-        return self._group.add_argument(*names, **kw)
-
-    def __getattr__(self, name):
-        return getattr(self._group, name)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--save-delta", default=None, metavar="FILE", help="write the parameter change alone (.npz)"
     )
-    shared = _SharedFlags(p, p.add_argument_group("method options"))
+    shared = SharedFlags(p, p.add_argument_group("method options"))
     for name in methods.names():
         methods.get(name).add_arguments(shared)
 

@@ -14,26 +14,11 @@ from pathlib import Path
 
 from jaxedit import data as data_mod
 from jaxedit import evaluate, methods, metrics
-from jaxedit.commands._common import load_model
+from jaxedit.commands._common import SharedFlags, load_model
 from jaxedit.errors import InputError
 
 NAME = "eval"
 HELP = "evaluate an editing method on CounterFact / zsRE / KnowEdit / MQuAKE (with baseline)"
-
-
-class _SharedFlags:
-    """Lets several methods add their arguments to one parser: a repeated flag is skipped."""
-
-    def __init__(self, parser: argparse.ArgumentParser, group):
-        self._parser, self._group = parser, group
-
-    def add_argument(self, *names, **kw):
-        if any(n in self._parser._option_string_actions for n in names if n.startswith("-")):
-            return None
-        return self._group.add_argument(*names, **kw)
-
-    def __getattr__(self, name):  # add_argument_group, add_mutually_exclusive_group, ...
-        return getattr(self._group, name)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name in methods.names():
         m = methods.get(name)
         group = p.add_argument_group(f"{name} options")
-        m.add_arguments(_SharedFlags(p, group))
+        m.add_arguments(SharedFlags(p, group))
 
 
 def _select(args) -> data_mod.Dataset:
