@@ -30,6 +30,9 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxedit.checkpoint import LanguageModel
 from jaxedit.config import ModelConfig
 from jaxedit.errors import InputError
+
+# metrics imports this module only inside a function, so importing its scorer here is cycle-free.
+from jaxedit.metrics import _lm_scores, target_token_scores
 from jaxedit.model import KVCache, Params, forward
 from jaxedit.tokenizer import bucket
 
@@ -55,15 +58,6 @@ class PrefixCache:
 
 
 # ----------------------------------------------------------------------------- pure parts
-
-
-def target_token_scores(
-    logits: Float[Array, "B P V"], targets: Int[Array, "B P"]
-) -> tuple[Float[Array, "B P"], Int[Array, "B P"]]:
-    """log p(target token) and the argmax token at each scored position."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    tok_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return tok_lp, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -94,19 +88,6 @@ def _score_with_cache(
         jnp.broadcast_to(cache.mask, (B, S)),
     )
     out = forward(cfg, params, tokens, mask, cache=shared, logit_positions=positions)
-    return target_token_scores(out.logits, targets)
-
-
-@partial(jax.jit, static_argnums=0)
-def _score_full(
-    cfg: ModelConfig,
-    params: Params,
-    tokens: Int[Array, "B T"],
-    mask: Bool[Array, "B T"],
-    positions: Int[Array, "B P"],
-    targets: Int[Array, "B P"],
-) -> tuple[Float[Array, "B P"], Int[Array, "B P"]]:
-    out = forward(cfg, params, tokens, mask, logit_positions=positions)
     return target_token_scores(out.logits, targets)
 
 
@@ -261,7 +242,7 @@ def score_continuations(
         if cache is not None:
             lp, am = cached_scorer(lm, cache)(*packed)
         else:
-            lp, am = _score_full(lm.config, lm.params, *map(jnp.asarray, packed))
+            lp, am = _lm_scores(lm.config, lm.params, *map(jnp.asarray, packed))
         lp, am = np.asarray(lp), np.asarray(am)
         for r, i in enumerate(idx):
             k = len(target_ids[i])
