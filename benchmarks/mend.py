@@ -4,11 +4,13 @@ CounterFact scores of a trained editor on known cases.
 Baselines measured in the same run:
   - edit latency vs one full-model gradient of the edit loss w.r.t. the same 9 weights (what a
     single fine-tuning step costs; MEND replaces it by a truncated backward + the editor),
-  - training step vs the same step without running only the edited blocks (full 30-block
-    forward / backward), when --full-baseline is given (slow on CPU),
-  - CounterFact scores vs the unedited model.
+  - the edit split in two: the MEND computation alone (factors, editor, η·∇̃W for the 9 weights)
+    and the whole edit, which also writes a new parameter tree (the stacked MLP kernels of all
+    30 blocks are copied, since the unedited model is kept),
+  - CounterFact scores vs the unedited model (or, with --eval-json, those of a finished
+    `jaxedit eval --json` run are recorded).
 
-    uv run python benchmarks/mend.py [--editor DIR] [--n-eval 100]
+    taskset -c 1 uv run python benchmarks/mend.py [--editor DIR] [--eval-json FILE]
 
 Writes benchmarks/results/mend.json.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -77,8 +80,25 @@ def edit_latency(lm, hp, requests, n: int) -> dict:
     enc = [encoded(r) for r in requests]
     full_grad(lm.params, *enc[0])
     grad_ms = _timed(lambda i: full_grad(lm.params, *enc[i % len(enc)]), n)
+
+    # the MEND computation alone: the 9 updates η·∇̃W, no new parameter tree
+    @jax.jit
+    def deltas(params, editor, norm, tokens, mask, labels):
+        x = mend.labelled(tokens, mask, labels, 8)
+        first = mend.first_layer(layout)
+        cfg_top, top = mend.split_top(cfg, params, first)
+        h0 = mend.prefix_resid(cfg, params, x.tokens, x.mask, first)
+        _, f = mend.gradient_factors(cfg_top, top, mend.shift_layout(layout, first), x, h0)
+        grads, _ = mend.pseudo_gradients(editor, norm, layout, f, hp.norm)
+        return [editor["edit_lrs"][i] * g for i, g in enumerate(grads)]
+
+    run_d = lambda i: deltas(lm.params, trained.editor, trained.norm, *enc[i % len(enc)])
+    run_d(0)
+    delta_ms = _timed(run_d, n)
     return {
         "mend_edit_ms_median": round(statistics.median(mend_ms), 2),
+        "mend_edit_ms_p90": round(sorted(mend_ms)[int(0.9 * (len(mend_ms) - 1))], 2),
+        "mend_updates_only_ms_median": round(statistics.median(delta_ms), 2),
         "full_gradient_ms_median": round(statistics.median(grad_ms), 2),
         "ratio_mend_over_full_gradient": round(
             statistics.median(mend_ms) / statistics.median(grad_ms), 3
@@ -140,8 +160,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--editor", help="trained editor directory: also score CounterFact")
     ap.add_argument("--n-eval", type=int, default=100)
-    ap.add_argument("--n-latency", type=int, default=30)
-    ap.add_argument("--train-steps", type=int, default=3)
+    ap.add_argument("--train-dir", help="a `jaxedit mend-train` output: record its run")
+    ap.add_argument("--train-seconds", type=float, help="wall time of that training run")
+    ap.add_argument("--eval-json", help="`jaxedit eval --method mend --json` output to record")
+    ap.add_argument("--n-latency", type=int, default=50)
+    ap.add_argument("--train-steps", type=int, default=20)
     ap.add_argument("--skip-timing", action="store_true")
     args = ap.parse_args()
 
@@ -150,14 +173,35 @@ def main() -> None:
     from jaxedit import data as data_mod
 
     requests = data_mod.load(DATA / "counterfact-edit.json", n=40).requests
-    result = json.loads(OUT.read_text()) if OUT.exists() else {}
+    result: dict = {}
     result["machine"] = {
         "platform": platform.platform(),
         "jax": jax.__version__,
         "devices": [str(d) for d in jax.devices()],
+        "cpu_count": os.cpu_count(),
+        "pinned_to_cpus": sorted(os.sched_getaffinity(0)),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     save = lambda: OUT.write_text(json.dumps(result, indent=2, default=float))
+    if args.train_dir:
+        d = Path(args.train_dir)
+        log = [json.loads(ln) for ln in (d / "train_log.jsonl").read_text().splitlines() if ln]
+        val = [r for r in log if "loss/total_edit_val" in r]
+        result["training_run"] = {
+            "dir": str(d),
+            "hparams": json.loads((d / "config.json").read_text())["hparams"],
+            "steps": max(r["step"] for r in log),
+            "wall_seconds": args.train_seconds,
+            "best_validation": min(val, key=lambda r: r["loss/total_edit_val"]) if val else None,
+            "validations": val,
+            "last_train": [r for r in log if "loss/total_edit" in r][-1],
+        }
+        save()
+    if args.eval_json:
+        ev_res = json.loads(Path(args.eval_json).read_text())
+        result["counterfact_eval_cli"] = {k: v for k, v in ev_res.items() if k != "cases"}
+        save()
     if args.editor:  # first: the slowest and most important part
         result["counterfact"] = counterfact_scores(lm, args.editor, args.n_eval)
         print(json.dumps(result["counterfact"], indent=1, default=float)[:3000])

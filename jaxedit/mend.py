@@ -74,7 +74,11 @@ class MENDHparams:
     shared: bool = True  # one editor per weight shape, per-layer scale / shift
     edit_lr: float = 1e-4  # initial η_l
     lr: float = 1e-6  # Adam lr of the editor (outer loop)
-    lr_lr: float = 1e-4  # extra Adam lr of η_l (the reference steps η with both optimisers)
+    lr_lr: float = 1e-4  # Adam lr of η_l (its own optimiser, the reference's `lr_opt`)
+    # The reference also steps η with the editor's optimiser (its `outer_parameters` include
+    # `edit_lrs`), so η moves by up to lr + lr_lr per update. Harmless when lr ≪ lr_lr (paper:
+    # 1e-6 vs 1e-4); with a larger editor lr than |η| itself it swamps η (see the presets).
+    eta_outer: bool = True
     c_edit: float = 0.1
     c_loc: float = 1.0
     grad_clip: float = 100.0  # global-norm clip of the accumulated meta-gradient

@@ -7,8 +7,8 @@ One step, for a batch of B independent edits (vmapped):
     3. W̃ = W + η ∇̃W  per edit, then on the edited model
        L = c_edit · NLL(target_new | rephrase) + c_loc · KL(p_W ‖ p_W̃)  on the locality input,
     4. Adam on (editor, η) — clipped by global norm, accumulated over `accumulate` steps
-       (optax.MultiSteps), η stepped with lr + lr_lr (the reference steps η with both of its
-       optimisers, whose Adam directions coincide).
+       (optax.MultiSteps), η stepped with lr_lr (+ lr when `eta_outer`: the reference steps η
+       with both of its optimisers, whose Adam directions coincide).
 
 The data order is a pure function of (seed, step), and the checkpoint holds editor, normaliser,
 optimiser state, step and early-stopping state, so a resumed run continues bit-identically.
@@ -169,12 +169,13 @@ class TrainState(NamedTuple):
 
 
 def make_optimizer(hp: MENDHparams, editor: dict) -> optax.GradientTransformation:
+    # η is stepped by its own Adam (lr_lr) and, as in the reference, by the editor's (lr); two
+    # Adams on the same gradient take steps in the same direction, so one Adam with the summed lr.
+    eta_lr = hp.lr_lr + (hp.lr if hp.eta_outer else 0.0)
     labels = {"edit_lrs": "lrs", "nets": jax.tree.map(lambda _: "nets", editor["nets"])}
     inner = optax.chain(
         optax.clip_by_global_norm(hp.grad_clip),
-        optax.multi_transform(
-            {"nets": optax.adam(hp.lr), "lrs": optax.adam(hp.lr + hp.lr_lr)}, labels
-        ),
+        optax.multi_transform({"nets": optax.adam(hp.lr), "lrs": optax.adam(eta_lr)}, labels),
     )
     return optax.MultiSteps(inner, every_k_schedule=max(hp.accumulate, 1))
 

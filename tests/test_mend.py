@@ -234,6 +234,19 @@ def test_jit_train_step_equals_eager(smollm, cases):
     assert float(s_jit.norm["32x64"]["k"]) > 0
 
 
+def test_eta_optimiser_coupling():
+    """η moves by lr_lr alone, or by lr + lr_lr when it is also an outer parameter (reference)."""
+    layout = mend.Layout((("mlp_out", 0),), (("3x2", 3, 2, (0,)),))
+    for outer, expect in ((False, 1e-3), (True, 1e-2 + 1e-3)):
+        hp = mend.MENDHparams(rank=2, lr=1e-2, lr_lr=1e-3, accumulate=1, eta_outer=outer)
+        ed = mend.init_editor(jax.random.key(0), layout, hp)
+        opt = mt.make_optimizer(hp, ed)
+        g = jax.tree.map(jnp.ones_like, ed)  # global norm < grad_clip: no clipping
+        upd, _ = opt.update(g, opt.init(ed), ed)
+        np.testing.assert_allclose(upd["edit_lrs"], -expect, rtol=1e-4)  # Adam's first step: -lr
+        np.testing.assert_allclose(upd["nets"]["3x2"][0]["u"], -1e-2, rtol=1e-4)
+
+
 def test_batch_indices_pure_and_cover_epochs():
     a = [mt.batch_indices(10, s, 4, 3) for s in range(5)]
     b = [mt.batch_indices(10, s, 4, 3) for s in range(5)]
