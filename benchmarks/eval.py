@@ -99,7 +99,9 @@ def main() -> None:
         "speedup": t_loop / t_batch,
         "max_abs_logprob_diff": diff,
         "platform": f"{platform.machine()} {platform.system()}, cpus={os.cpu_count()}",
-        "note": "CPU shared with other jobs while measured; ratios are what matter",
+        "cpu_affinity": sorted(os.sched_getaffinity(0)),
+        "load_avg_1min_at_end": os.getloadavg()[0],
+        "note": "both sides in one run, same process and cores; ratios are what matter",
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
