@@ -107,8 +107,9 @@ def torch_edit(model, lm, hp, C, templates) -> tuple[np.ndarray, np.ndarray, int
 
     h = mlp.register_forward_hook(add_delta)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    targets = torch.from_numpy(b.targets).long()
-    pos = torch.from_numpy(b.logit_pos).long()
+    n_real = int(b.weights.sum())  # drop the padding of the target-length bucket
+    targets = torch.from_numpy(b.targets[:, :n_real]).long()
+    pos = torch.from_numpy(b.logit_pos[:, :n_real]).long()
     kl_init = None
     steps = 0
     for it in range(hp.v_num_grad_steps):

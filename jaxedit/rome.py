@@ -19,7 +19,9 @@ subject's key k* return a new value v* while disturbing other keys least (eq. 2)
              + v_weight_decay · ‖δ‖ / ‖v₀‖²,
 
   by Adam, clamping ‖δ‖ ≤ clamp_norm_factor · ‖v₀‖ after each step, stopping early once
-  L < early_stop_loss; the whole loop is one `lax.while_loop` inside `jit`;
+  L < early_stop_loss; the whole loop is one `lax.while_loop` inside `jit`, and each step runs
+  only what δ can change: blocks l..L-1 on the positions from the last subject token on, over
+  the unedited model's cached keys/values of the earlier positions (`_Suffix`);
 - the update uses the same averaged k* in Λ's numerator and denominator (`variant=
   "corrected"`, r-ROME / kmeng01/rome PR #44). `variant="paper"` reproduces the original code,
   which used the bare prompt's key k there: Λ = (v* − W k) / ((C⁻¹k*)ᵀ k).
@@ -40,12 +42,13 @@ import unicodedata
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxedit import hparams as hparams_mod
 from jaxedit import stats as stats_mod
@@ -53,7 +56,7 @@ from jaxedit.checkpoint import LanguageModel
 from jaxedit.config import ModelConfig
 from jaxedit.errors import CheckpointError, ConfigError, InputError
 from jaxedit.methods import EditResult, Method, register
-from jaxedit.model import Params, forward
+from jaxedit.model import KVCache, Params, forward, run_layers
 from jaxedit.requests import EditRequest
 from jaxedit.sites import SitePatch, get_weight, set_weight
 from jaxedit.tokenizer import bucket
@@ -304,6 +307,7 @@ class _Batch:
     lookup: np.ndarray  # [B] last subject token
     logit_pos: np.ndarray  # [B N] positions whose logits predict the N target tokens
     targets: np.ndarray  # [R N]
+    weights: np.ndarray  # [N] 1 for a real target token, 0 for padding up to the N bucket
 
 
 def target_ids(lm: LanguageModel, target: str) -> list[int]:
@@ -321,13 +325,17 @@ def build_batch(
 ) -> _Batch:
     tok = lm.tokenizer
     tgt = target_ids(lm, request.target_new)
-    N = len(tgt)
+    n = len(tgt)
+    # Targets are padded to a power of two (weight 0) so that targets of 1..N tokens share one
+    # compiled optimisation: a run over many facts compiles once per (length, N) bucket.
+    N = 1 << (n - 1).bit_length()
     rows, lookup, logit_pos = [], [], []
     for t in templates:
         text, s, e = compose(t, request.prompt, request.subject)
         ids, offsets = tok.encode_with_offsets(text)
         lookup.append(subject_last_index(offsets, s, e))
-        logit_pos.append([len(ids) - 1 + j for j in range(N)])  # teacher forcing
+        # teacher forcing; padded target slots repeat the last real position
+        logit_pos.append([len(ids) - 1 + min(j, n - 1) for j in range(N)])
         rows.append(ids + tgt[:-1])
     text, s, e = compose("{}", kl_prompt, request.subject)
     ids, offsets = tok.encode_with_offsets(text)
@@ -341,9 +349,16 @@ def build_batch(
     for i, r in enumerate(rows):  # right padding: positions come from the mask
         tokens[i, : len(r)] = r
         mask[i, : len(r)] = True
-    targets = np.tile(np.asarray(tgt, np.int32), (len(templates), 1))
+    padded = tgt + [tgt[-1]] * (N - n)
+    targets = np.tile(np.asarray(padded, np.int32), (len(templates), 1))
+    weights = (np.arange(N) < n).astype(np.float32)
     return _Batch(
-        tokens, mask, np.asarray(lookup, np.int32), np.asarray(logit_pos, np.int32), targets
+        tokens,
+        mask,
+        np.asarray(lookup, np.int32),
+        np.asarray(logit_pos, np.int32),
+        targets,
+        weights,
     )
 
 
@@ -357,16 +372,59 @@ def _safe_norm(x: Float[Array, " D"]) -> Float[Array, ""]:
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _clean_run(cfg: ModelConfig, layer: int, params: Params, tokens, mask, lookup, logit_pos):
-    """Keys / values at the subject token of every row, and the KL row's log-probs, unedited."""
+class _Suffix(NamedTuple):
+    """What δ can change: each row from its last subject token on, at layers l..L-1.
+
+    δ is added at `mlp_out` of layer l at the last subject token j_r of row r. Positions before
+    j_r never attend to j_r (causal attention) and layers below l never see δ, so their states
+    are those of the unedited model: computed once, then reused by every optimisation step as a
+    key/value cache (`cache`, valid before j_r) and as the input of block l (`h`).
+    """
+
+    h: Float[Array, "B S D"]  # input of block l at positions j_r .. j_r + S - 1
+    mask: Bool[Array, "B S"]  # real tokens of the suffix
+    positions: Int[Array, "B S"]  # their absolute positions
+    cache: KVCache  # the unedited keys/values of every layer, valid at positions < j_r
+    logit_pos: Int[Array, "B N"]  # target-predicting positions, in suffix coordinates
+
+
+def _suffix_length(n: int) -> int:
+    """Suffix lengths are rounded up to 1, 2, 3, 4, 6, 8, 12, 16, ... (few compiles)."""
+    p = 1 << max(0, (n - 1).bit_length())
+    return p if p <= 2 or n > 3 * p // 4 else 3 * p // 4
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _clean_run(
+    cfg: ModelConfig, layer: int, S: int, params: Params, tokens, mask, lookup, logit_pos
+):
+    """The unedited run, once: keys / values at the subject token of every row, the KL row's
+    log-probs, and the `_Suffix` every optimisation step resumes from."""
+    below = "embed" if layer == 0 else "resid"
     out = forward(
-        cfg, params, tokens, mask, capture=("mlp_key", "mlp_out"), logit_positions=logit_pos
+        cfg,
+        params,
+        tokens,
+        mask,
+        capture=("mlp_key", "mlp_out", below),
+        logit_positions=logit_pos,
+        return_kv=True,
     )
-    rows = jnp.arange(tokens.shape[0])
+    B, T = tokens.shape
+    rows = jnp.arange(B)
     keys_bf = out.captured["mlp_key"][layer][rows, lookup].astype(jnp.float32)
     vals_bd = out.captured["mlp_out"][layer][rows, lookup].astype(jnp.float32)
-    return keys_bf, vals_bd, jax.nn.log_softmax(out.logits[-1, 0].astype(jnp.float32))
+    h_in = out.captured["embed"] if layer == 0 else out.captured["resid"][layer - 1]
+    pos = lookup[:, None] + jnp.arange(S)[None, :]  # [B S]
+    take = jnp.minimum(pos, T - 1)
+    suffix = _Suffix(
+        h=jnp.take_along_axis(h_in, take[..., None], axis=1),
+        mask=jnp.take_along_axis(mask, take, axis=1) & (pos < T),
+        positions=pos,
+        cache=KVCache(*out.kv, mask & (jnp.arange(T)[None, :] < lookup[:, None])),
+        logit_pos=logit_pos - lookup[:, None],
+    )
+    return keys_bf, vals_bd, jax.nn.log_softmax(out.logits[-1, 0].astype(jnp.float32)), suffix
 
 
 @partial(jax.jit, static_argnums=(0, 1))
@@ -374,31 +432,43 @@ def _optimise_delta(
     cfg: ModelConfig,
     layer: int,
     params: Params,
-    tokens: Int[Array, "B T"],
-    mask,
-    lookup: Int[Array, " B"],
-    logit_pos: Int[Array, "B N"],
+    suffix: _Suffix,
     targets: Int[Array, "R N"],
+    weights: Float[Array, " N"],
     kl_init: Float[Array, " V"],
     v0: Float[Array, " D"],
     hp: dict,
 ):
-    """δ minimising NLL + kl_factor·KL + weight decay, by Adam in one `lax.while_loop`."""
-    B, T = tokens.shape
+    """δ minimising NLL + kl_factor·KL + weight decay, by Adam in one `lax.while_loop`.
+
+    Each loss evaluation runs blocks l..L-1 on the suffixes only (`model.run_layers` with the
+    unedited prefix cache): exactly the full forward's logits at the target positions."""
+    B, S = suffix.mask.shape
     R = targets.shape[0]
     L, D = cfg.n_layers, cfg.d_model
-    # δ is added at mlp_out of `layer`, at each row's last subject token (KL row included).
-    at_subject = jnp.arange(T)[None, :] == lookup[:, None]
-    patch_mask = (jnp.arange(L) == layer)[:, None, None] & at_subject[None]
+    # δ is added at mlp_out of `layer` at suffix position 0 = each row's last subject token.
+    patch_mask = jnp.broadcast_to(
+        (jnp.arange(L) == layer)[:, None, None] & (jnp.arange(S) == 0)[None, None, :], (L, B, S)
+    )
     v0_norm = _safe_norm(v0)
 
     def loss_fn(delta):
         value = jnp.broadcast_to(delta, (L, 1, 1, D))
         patch = {"mlp_out": SitePatch(patch_mask, value, jnp.asarray(True))}
-        logits = forward(cfg, params, tokens, mask, patch=patch, logit_positions=logit_pos).logits
+        logits = run_layers(
+            cfg,
+            params,
+            suffix.h,
+            suffix.mask,
+            layer,
+            patch=patch,
+            logit_positions=suffix.logit_pos,
+            positions=suffix.positions,
+            cache=suffix.cache,
+        )
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B N V]
         tok_logp = jnp.take_along_axis(logp[:R], targets[..., None], axis=-1)[..., 0]
-        nll_each = -jnp.mean(tok_logp, axis=-1)  # Σ over target tokens / |target|
+        nll_each = -jnp.sum(tok_logp * weights, -1) / jnp.sum(weights)  # mean over the target
         nll = jnp.mean(nll_each)
         kl_logp = logp[R, 0]
         kl = jnp.sum(jnp.exp(kl_logp) * (kl_logp - kl_init))  # KL(edited ‖ unedited)
@@ -472,9 +542,11 @@ def compute_delta(
         raise InputError('context templates must start with the bare template "{}"')
     b = build_batch(lm, request, templates, hp.kl_prompt)
     R = len(templates)
-    keys_bf, vals_bd, kl_init = _clean_run(
+    S = _suffix_length(int((b.mask.sum(1) - b.lookup).max()))
+    keys_bf, vals_bd, kl_init, suffix = _clean_run(
         cfg,
         layer,
+        S,
         lm.params,
         jnp.asarray(b.tokens),
         jnp.asarray(b.mask),
@@ -498,11 +570,9 @@ def compute_delta(
         cfg,
         layer,
         lm.params,
-        jnp.asarray(b.tokens),
-        jnp.asarray(b.mask),
-        jnp.asarray(b.lookup),
-        jnp.asarray(b.logit_pos),
+        suffix,
         jnp.asarray(b.targets),
+        jnp.asarray(b.weights),
         kl_init,
         jnp.asarray(v0, jnp.float32),
         hp_arrays,

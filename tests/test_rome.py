@@ -3,6 +3,7 @@ and the acceptance edit on the embedded model (Eiffel Tower -> Rome)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -131,7 +132,14 @@ def test_compose_and_subject_last_token(smollm):
     n_prompt = len(smollm.tokenizer.encode(EIFFEL.rewrite_prompt))
     # teacher forcing: the logits at the prompt's last token predict the first target token
     assert b.logit_pos[0, 0] == n_prompt - 1
-    assert b.tokens.shape[0] == 3 and b.targets.shape == (2, len(tgt))
+    assert b.tokens.shape[0] == 3 and b.targets.shape[0] == 2
+    assert b.weights.sum() == len(tgt) and b.targets.shape[1] == len(b.weights)
+    # a multi-token target is padded to a power of two; padding has weight 0
+    rio = dataclasses.replace(EIFFEL, target_new="Rio de Janeiro")
+    b3 = rome.build_batch(smollm, rio, ["{}"], "{} is a")
+    n3 = len(rome.target_ids(smollm, "Rio de Janeiro"))
+    assert b3.weights.tolist() == [1.0] * n3 + [0.0] * (b3.targets.shape[1] - n3)
+    assert b3.targets.shape[1] == 1 << (n3 - 1).bit_length()
     kl_ids = smollm.tokenizer.encode("The Eiffel Tower is a")
     assert smollm.tokenizer.decode([kl_ids[b.lookup[-1]]]).strip() == "Tower"
     assert (b.logit_pos[-1] == b.lookup[-1]).all()  # KL at the subject's last token
@@ -242,6 +250,55 @@ def test_tiny_edit_is_pure_reproducible_and_invertible(tiny):
     seq, recs, infos = rome.edit_many(tiny, [EIFFEL, req2], hp, stats=C)
     jax.tree.map(np.testing.assert_array_equal, rome.apply_deltas(tiny.params, recs), seq.params)
     assert len(infos) == 2 and all(i.steps >= 1 for i in infos)
+
+
+@pytest.mark.parametrize("which,layer", [("tiny", 0), ("tiny", 2), ("smollm", 4)])
+def test_suffix_steps_equal_the_full_forward(which, layer, request):
+    """Each v* step runs blocks l..L-1 on the positions from the last subject token on, over
+    the unedited prefix cache: the same target logits as the full patched forward."""
+    from jaxedit.model import forward_jit, run_layers
+    from jaxedit.sites import SitePatch
+
+    lm = request.getfixturevalue(which)
+    cfg = lm.config
+    req = dataclasses.replace(EIFFEL, target_new="Rio de Janeiro")
+    b = rome.build_batch(lm, req, ["{}", "A short text. {}", "Hi. {}"], "{} is a")
+    S = rome._suffix_length(int((b.mask.sum(1) - b.lookup).max()))
+    *_, suffix = rome._clean_run(
+        cfg, layer, S, lm.params, b.tokens, b.mask, b.lookup, jnp.asarray(b.logit_pos)
+    )
+    delta = jax.random.normal(jax.random.key(1), (cfg.d_model,)) * 3.0
+    B, T = b.tokens.shape
+    at = (np.arange(cfg.n_layers) == layer)[:, None, None] & (
+        np.arange(T)[None, None, :] == b.lookup[None, :, None]
+    )
+    value = jnp.broadcast_to(delta, (cfg.n_layers, 1, 1, cfg.d_model))
+    full = forward_jit(
+        cfg,
+        lm.params,
+        jnp.asarray(b.tokens),
+        jnp.asarray(b.mask),
+        patch={"mlp_out": SitePatch(jnp.asarray(at), value, jnp.asarray(True))},
+        logit_positions=jnp.asarray(b.logit_pos),
+    ).logits
+    at_s = (np.arange(cfg.n_layers) == layer)[:, None, None] & (np.arange(S) == 0)[None, None]
+    short = run_layers(
+        cfg,
+        lm.params,
+        suffix.h,
+        suffix.mask,
+        layer,
+        patch={
+            "mlp_out": SitePatch(
+                jnp.asarray(np.broadcast_to(at_s, (cfg.n_layers, B, S))), value, jnp.asarray(True)
+            )
+        },
+        logit_positions=suffix.logit_pos,
+        positions=suffix.positions,
+        cache=suffix.cache,
+    )
+    assert S < T  # the point: fewer positions per step
+    np.testing.assert_allclose(np.asarray(short), np.asarray(full), atol=2e-4, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- acceptance
