@@ -80,6 +80,11 @@ class MENDHparams:
     # 1e-6 vs 1e-4); with a larger editor lr than |η| itself it swamps η (see the presets).
     eta_outer: bool = True
     c_edit: float = 0.1
+    # The edit loss is the NLL of the target on the equivalent input (rephrase). With inner_loss
+    # it is taken over the edit input too (the reference's `data.rephrase=false` setting scores the
+    # edit input itself): CounterFact's rephrase_prompt is often a generation prefix, and an editor
+    # trained on it alone learns updates that overshoot the edit prompt (efficacy ≈ 0.4).
+    inner_loss: bool = False
     c_loc: float = 1.0
     grad_clip: float = 100.0  # global-norm clip of the accumulated meta-gradient
     accumulate: int = 10  # meta-gradient accumulation (steps per optimiser update)

@@ -214,23 +214,28 @@ def _prepare_edit(cfg, layout, hp, params, inner, outer, loc):
     h_in, h_out, h_loc = (None, None, None) if h0 is None else (h0[:1], h0[1:2], h0[2:])
     _, factors = gradient_factors(cfg_top, top, shift_layout(layout, first), x_in, h_in)
     pre_loc = top_forward(cfg_top, top, x_loc, h_loc).logits
-    return jax.lax.stop_gradient((factors, h_out, h_loc, pre_loc))
+    return jax.lax.stop_gradient((factors, h_in, h_out, h_loc, pre_loc))
 
 
-def _edited_losses(cfg, layout, hp, params, editor, norm, prepared, outer, loc):
+def _edited_losses(cfg, layout, hp, params, editor, norm, prepared, inner, outer, loc):
     """Loss and metrics of one edit (no batch axis: arrays [1, T])."""
-    factors, h_out, h_loc, pre_loc = prepared
+    factors, h_in, h_out, h_loc, pre_loc = prepared
     first = first_layer(layout)
     cfg_top, top = split_top(cfg, params, first)
     grads, _ = pseudo_gradients(editor, norm, layout, factors, hp.norm)
     new_top = apply_updates(top, shift_layout(layout, first), editor["edit_lrs"], grads)
     x_out, x_loc = _labelled(outer, hp), _labelled(loc, hp)
-    # rephrase and locality input share one forward of the edited blocks
-    both = Labelled(*(jnp.concatenate([a, b]) for a, b in zip(x_out, x_loc, strict=True)))
-    h0 = None if h_out is None else jnp.concatenate([h_out, h_loc])
+    # the scored inputs share one forward of the edited blocks: [edit input], rephrase, locality
+    rows, hs = [x_out, x_loc], [h_out, h_loc]
+    if hp.inner_loss:
+        rows, hs = [_labelled(inner, hp), *rows], [h_in, *hs]
+    both = Labelled(*(jnp.concatenate(a) for a in zip(*rows, strict=True)))
+    h0 = None if h_out is None else jnp.concatenate(hs)
     logits = top_forward(cfg_top, new_top, both, h0).logits
-    post_outer, post_loc = logits[:1], logits[1:]
-    l_edit = nll(post_outer, x_out)
+    post_edit, post_loc = logits[:-1], logits[-1:]
+    post_outer = logits[-2:-1]
+    x_edit = Labelled(*(a[:-1] for a in both))
+    l_edit = nll(post_edit, x_edit)  # token mean over the edit rows, as the reference's NLL
     l_loc = kl_loc(pre_loc, post_loc, x_loc.valid)
     # locality: answer tokens whose argmax prediction the edit left unchanged
     same = (jnp.argmax(post_loc, -1) == jnp.argmax(pre_loc, -1)) & x_loc.valid
@@ -241,6 +246,8 @@ def _edited_losses(cfg, layout, hp, params, editor, norm, prepared, outer, loc):
         "edit/acc": label_accuracy(post_outer, x_out),
         "loc/acc": keep,
     }
+    if hp.inner_loss:
+        metrics["edit/acc_inner"] = label_accuracy(logits[:1], rows[0])
     return hp.c_edit * l_edit + hp.c_loc * l_loc, metrics
 
 
@@ -250,8 +257,8 @@ def _prepare_batch(cfg, layout, hp, params, batch: EditBatch):
 
 
 def _meta_loss(cfg, layout, hp, params, editor, norm, prepared, batch):
-    one = lambda p, o, lc: _edited_losses(cfg, layout, hp, params, editor, norm, p, o, lc)
-    losses, metrics = jax.vmap(one)(prepared, batch.outer, batch.loc)
+    one = lambda p, i, o, lc: _edited_losses(cfg, layout, hp, params, editor, norm, p, i, o, lc)
+    losses, metrics = jax.vmap(one)(prepared, batch.inner, batch.outer, batch.loc)
     metrics = jax.tree.map(jnp.mean, metrics)
     loss = jnp.mean(losses)
     return loss, {**metrics, "loss/total_edit": loss}

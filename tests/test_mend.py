@@ -220,13 +220,15 @@ def _train_setup(smollm, cases):
 @pytest.mark.slow  # ~85 s on 2 cores: compiles the train step twice (jit and eager)
 def test_jit_train_step_equals_eager(smollm, cases):
     lm, hp, layout, data = _train_setup(smollm, cases)
-    hp = hp.replace(accumulate=1)  # one step performs the Adam update
+    # one step performs the Adam update; the edit loss also on the edit input (the resume test
+    # below covers the rephrase-only loss)
+    hp = hp.replace(accumulate=1, inner_loss=True)
     state = mt.init_state(layout, hp)
     step_jit, _ = mt.jit_steps(lm.config, layout, hp)
     b = data.take(mt.batch_indices(len(data), 0, hp.batch, hp.seed))
     s_eager, m_eager = mt.train_step(lm.config, layout, hp, lm.params, state, b)
     s_jit, m_jit = step_jit(lm.params, state, b)
-    assert float(m_eager["loss/total_edit"]) > 0
+    assert float(m_eager["loss/total_edit"]) > 0 and "edit/acc_inner" in m_jit
     for a, c in zip(jax.tree.leaves(s_eager), jax.tree.leaves(s_jit), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=2e-4, atol=1e-6)
     # the editor did move (the step is not a no-op) and the normaliser saw the tokens
