@@ -131,24 +131,29 @@ def pack(
     pad_id: int = 0,
     padding: str = "right",
     rows: int | None = None,
+    extra: Sequence[Sequence[int]] | None = None,
 ) -> Packed:
     """Lay out prompt+target rows, padded left or right, to shape buckets.
 
     Target token j of row i is predicted by the logits at the position of the token before it
     (the prompt's last token for j = 0). Rows beyond the data (up to `rows`) copy row 0 so
-    that they are valid sequences; their targets are masked out.
+    that they are valid sequences; their targets are masked out. `extra[i]` lists further
+    one-token targets read at row i's prompt's last position, after row i's own target slots:
+    those logits depend on the prompt only (causal attention), not on the target after it.
     """
     if padding not in ("left", "right"):
         raise ValueError("padding must be 'left' or 'right'")
     n = len(prompt_ids)
     if n == 0 or len(target_ids) != n:
         raise InputError("pack needs as many non-empty prompts as targets")
+    extra = [[] for _ in range(n)] if extra is None else [list(e) for e in extra]
     seqs = [list(p) + list(t[:-1]) for p, t in zip(prompt_ids, target_ids, strict=True)]
     if any(len(p) == 0 for p in prompt_ids) or any(len(t) == 0 for t in target_ids):
         raise InputError("empty prompt or target after tokenization")
     B = rows or n
     T = bucket(max(map(len, seqs)))
-    P = _bucket_in(max(map(len, target_ids)), TARGET_BUCKETS)
+    slots = [len(t) + len(e) for t, e in zip(target_ids, extra, strict=True)]
+    P = _bucket_in(max(slots), TARGET_BUCKETS)
     tokens = np.full((B, T), pad_id, np.int32)
     mask = np.zeros((B, T), bool)
     positions = np.zeros((B, P), np.int32)
@@ -156,15 +161,39 @@ def pack(
     tmask = np.zeros((B, P), bool)
     for i in range(B):
         src = i if i < n else 0
-        s, p, t = seqs[src], prompt_ids[src], target_ids[src]
+        s, p, t, e = seqs[src], prompt_ids[src], target_ids[src], extra[src]
         lo = T - len(s) if padding == "left" else 0
+        k = len(t) + len(e)
         tokens[i, lo : lo + len(s)] = s
         mask[i, lo : lo + len(s)] = True
         positions[i, : len(t)] = lo + len(p) - 1 + np.arange(len(t))
-        positions[i, len(t) :] = lo + len(p) - 1  # any valid index; masked out below
+        positions[i, len(t) :] = lo + len(p) - 1  # the extras; beyond k any valid index
         targets[i, : len(t)] = t
-        tmask[i, : len(t)] = i < n
+        targets[i, len(t) : k] = e
+        tmask[i, :k] = i < n
     return Packed(tokens, mask, positions, targets, tmask)
+
+
+def share_rows(
+    prompt_ids: Sequence[Sequence[int]], target_ids: Sequence[Sequence[int]]
+) -> list[tuple[int, list[int]]]:
+    """The rows to run for a set of queries: (query laid out as prompt + target, [one-token
+    queries of the same prompt read off that row at the prompt's last position]).
+
+    Every one-token target of a prompt rides on one row of that prompt, so CounterFact's
+    rewrite / paraphrase / neighbourhood prompts, each asked for target_new and target_true,
+    cost one row instead of two when the targets are single tokens."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompt_ids):
+        by_prompt.setdefault(tuple(p), []).append(i)
+    out = []
+    for queries in by_prompt.values():
+        multi = [i for i in queries if len(target_ids[i]) > 1]
+        single = [i for i in queries if len(target_ids[i]) == 1]
+        host = multi or single[:1]
+        out.append((host[0], single if multi else single[1:]))
+        out.extend((i, []) for i in host[1:])
+    return out
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -264,34 +293,43 @@ def score_ids(
     pad_id: int = 0,
     padding: str = "right",
     max_rows: int = ROW_BUCKETS[-1],
+    share: bool = True,
 ) -> TargetScores:
     """Score token-id queries in batches that waste little padding.
 
-    Rows are grouped by their length bucket T (a 12-token row is never padded to 32 because
-    a 20-token row shares its batch), and each group is cut into chunks whose sizes are row
+    Queries sharing a prompt share a row where they can (`share_rows`; `share=False`: one row
+    per query). Rows are grouped by
+    their length bucket T (a 12-token row is never padded to 32 because a 20-token row shares
+    its batch), and each group is cut into chunks whose sizes are row
     buckets (120 rows -> 32+32+32+8+8+8, not 128): compute is spent on real tokens, and
     shapes stay within a few compiled buckets.
     """
     n = len(prompt_ids)
     if n == 0:
         return TargetScores([], [], [])
-    length = [len(prompt_ids[i]) + len(target_ids[i]) - 1 for i in range(n)]
-    order = sorted(range(n), key=lambda i: (bucket(length[i]), length[i]))
+    rows = share_rows(prompt_ids, target_ids) if share else [(i, []) for i in range(n)]
+    length = [len(prompt_ids[h]) + len(target_ids[h]) - 1 for h, _ in rows]
+    order = sorted(range(len(rows)), key=lambda r: (bucket(length[r]), length[r]))
     lp_out: list[np.ndarray | None] = [None] * n
     am_out: list[np.ndarray | None] = [None] * n
-    for idx, rows in _chunks(order, [bucket(length[i]) for i in order], max_rows):
+    for idx, n_rows in _chunks(order, [bucket(length[r]) for r in order], max_rows):
+        hosts = [rows[r][0] for r in idx]
+        riders = [rows[r][1] for r in idx]
         pk = pack(
-            [prompt_ids[i] for i in idx],
-            [target_ids[i] for i in idx],
+            [prompt_ids[h] for h in hosts],
+            [target_ids[h] for h in hosts],
             pad_id=pad_id,
             padding=padding,
-            rows=rows,
+            rows=n_rows,
+            extra=[[target_ids[i][0] for i in rs] for rs in riders],
         )
         lp, am = scorer(pk.tokens, pk.mask, pk.positions, pk.targets)
         lp, am = np.asarray(lp), np.asarray(am)
-        for r, i in enumerate(idx):
-            k = len(target_ids[i])
-            lp_out[i], am_out[i] = lp[r, :k], am[r, :k]
+        for r, (h, rs) in enumerate(zip(hosts, riders, strict=True)):
+            k = len(target_ids[h])
+            lp_out[h], am_out[h] = lp[r, :k], am[r, :k]
+            for j, i in enumerate(rs):
+                lp_out[i], am_out[i] = lp[r, k + j : k + j + 1], am[r, k + j : k + j + 1]
     return TargetScores([np.asarray(t, np.int32) for t in target_ids], lp_out, am_out)
 
 

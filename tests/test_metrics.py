@@ -60,6 +60,41 @@ def test_scores_match_hand_computation(padding):
         assert s.exact[i] == correct.all()
 
 
+SHARED = [  # one prompt asked for several targets (CounterFact: target_new and target_true)
+    ([1, 2, 3], [4]),
+    ([1, 2, 3], [5, 6]),
+    ([1, 2, 3], [6]),
+    ([7], [0]),
+    ([7], [1]),
+    ([1, 2, 3], [4]),  # a duplicate
+    ([2, 3], [7]),
+]
+
+
+def test_share_rows_groups_one_token_targets_by_prompt():
+    rows = metrics.share_rows([c[0] for c in SHARED], [c[1] for c in SHARED])
+    assert rows == [(1, [0, 2, 5]), (3, [4]), (6, [])]
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_shared_rows_score_like_separate_rows(padding):
+    """Targets read off another query's row equal their own hand-computed scores."""
+    table = bigram_table()
+    ps, ts = [c[0] for c in SHARED], [c[1] for c in SHARED]
+    s = metrics.score_ids(bigram_scorer(table), ps, ts, padding=padding, max_rows=8)
+    for i, (p, t) in enumerate(SHARED):
+        lps, correct = by_hand(table, p, t)
+        np.testing.assert_allclose(s.logprobs[i], lps, rtol=1e-5)
+        np.testing.assert_array_equal(s.correct[i], correct)
+
+
+def test_pack_extra_targets_read_at_the_prompts_last_token():
+    pk = metrics.pack([[1, 2, 3]], [[4, 5]], extra=[[6, 7]], padding="right")
+    np.testing.assert_array_equal(pk.positions[0, :4], [2, 3, 2, 2])
+    np.testing.assert_array_equal(pk.targets[0, :4], [4, 5, 6, 7])
+    assert pk.target_mask[0, :4].all() and not pk.target_mask[0, 4:].any()
+
+
 def test_argmax_target_is_exact():
     """A target built from the table's own argmaxes scores exact = 1, token_acc = 1."""
     table = bigram_table()
