@@ -8,6 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import torch_available
 
 from jaxedit import cli, rome
 from jaxedit.checkpoint import load_hf_dir
@@ -90,6 +91,15 @@ def test_edit_json_save_and_delta(use_smollm, capsys, tmp_path, data_dir):
     edited = rome.apply_deltas(smollm.params, recs)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), saved.params, edited)
     assert (tmp_path / "model" / "config.json").exists()
+    if torch_available():  # transformers reads the edited model and says " Rome" too
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+        ids = smollm.tokenizer.encode("The Eiffel Tower is located in the city of")
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        assert smollm.tokenizer.decode([int(logits.argmax())]) == " Rome"
 
 
 def test_edit_requests_file_is_read(tmp_path):
