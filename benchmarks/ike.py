@@ -104,6 +104,9 @@ def main():
         "settings": settings,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    if os.path.exists(args.out):  # keep the evaluation numbers recorded next to the timings
+        with open(args.out) as f:
+            out = {**{k: v for k, v in json.load(f).items() if k == "eval"}, **out}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     print(f"wrote {args.out}")
