@@ -151,6 +151,7 @@ def main():
     import torch
     from transformers import AutoModelForCausalLM
 
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # as many threads as cores we may use
     lm = load("smollm2-135m")
     # Fixed step count on both sides (early stop off), so the loops do the same work.
     hp = rome.load_hparams("smollm2-135m").replace(
@@ -188,7 +189,9 @@ def main():
     result = {
         "model": "smollm2-135m",
         "layer": hp.layer,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "cpu_affinity": sorted(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
         "stats": {
             "tokens": n_tok,
             "jaxedit_tokens_per_s": round(n_tok / jax_stats_s, 1),
