@@ -162,7 +162,9 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=100)
     ap.add_argument("--train-dir", help="a `jaxedit mend-train` output: record its run")
     ap.add_argument("--train-seconds", type=float, help="wall time of that training run")
-    ap.add_argument("--eval-json", help="`jaxedit eval --method mend --json` output to record")
+    ap.add_argument(
+        "--eval-json", action="append", default=[], help="`jaxedit eval` results.json to record"
+    )
     ap.add_argument("--n-latency", type=int, default=50)
     ap.add_argument("--train-steps", type=int, default=20)
     ap.add_argument("--skip-timing", action="store_true")
@@ -182,6 +184,14 @@ def main() -> None:
         "pinned_to_cpus": sorted(os.sched_getaffinity(0)),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
+    aff = sorted(os.sched_getaffinity(0))
+    result["status"] = "complete" if not args.skip_timing else "timing skipped"
+    result["note"] = (
+        f"run pinned to CPU(s) {aff} of a {os.cpu_count()}-CPU machine (the other core ran "
+        "other jobs); edit latency = one MEND edit returning a new model (median of "
+        "n_latency, compile excluded); updates_only = factors + editor + η∇̃W without "
+        "building the new parameter tree"
+    )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     save = lambda: OUT.write_text(json.dumps(result, indent=2, default=float))
     if args.train_dir:
@@ -198,9 +208,10 @@ def main() -> None:
             "last_train": [r for r in log if "loss/total_edit" in r][-1],
         }
         save()
-    if args.eval_json:
-        ev_res = json.loads(Path(args.eval_json).read_text())
-        result["counterfact_eval_cli"] = {k: v for k, v in ev_res.items() if k != "cases"}
+    for path in args.eval_json:
+        ev_res = json.loads(Path(path).read_text())
+        runs = result.setdefault("counterfact_eval_cli", [])
+        runs.append({"file": path, **{k: v for k, v in ev_res.items() if k != "cases"}})
         save()
     if args.editor:  # first: the slowest and most important part
         result["counterfact"] = counterfact_scores(lm, args.editor, args.n_eval)
