@@ -248,8 +248,8 @@ def render(result: dict) -> str:
     sec = result.get("seconds", {})
     pe = sec.get("per_edit") or {}
     tail = (
-        f"edit+eval: median {pe.get('median', 0):.2f} s/case, p90 {pe.get('p90', 0):.2f} s, "
-        f"total {sec.get('total', 0):.1f} s"
+        f"edit+eval: median {pe.get('median') or 0:.2f} s/case, p90 {pe.get('p90') or 0:.2f} s, "
+        f"total {sec.get('total') or 0:.1f} s"
     )
     return "\n".join([head, "", table(result), "", tail])
 
@@ -264,6 +264,13 @@ def _append(path: Path | None, row: dict) -> None:
         f.write(json.dumps(row, default=_json_default) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def _rewrite(path: Path, rows: list[dict]) -> None:
+    """Replace `path` by `rows` (JSON lines) atomically."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+    os.replace(tmp, path)
 
 
 def _json_default(o):
@@ -376,7 +383,11 @@ def evaluate(
                 diff = {k for k in header if prev.get(k) != header[k] and k != "hparams"}
                 if diff:
                     raise InputError(f"--resume: {out_dir} holds a different run ({sorted(diff)})")
-            done = {str(row["case_id"]): row for row in _read_done(cases_path) if "case_id" in row}
+            intact = _read_done(cases_path)
+            done = {str(row["case_id"]): row for row in intact if "case_id" in row}
+            # Drop a line cut by the crash before appending: rows written after it would be
+            # glued to it and lost to the next resume.
+            _rewrite(cases_path, intact)
         elif cases_path.exists():
             cases_path.unlink()
         run_path.write_text(json.dumps(header, indent=2, default=_json_default))
@@ -409,6 +420,8 @@ def evaluate(
             for g in groups:
                 if str(g[0].case_id) in done:
                     rows.extend(done[str(r.case_id)] for r in g if str(r.case_id) in done)
+                    # a resumed case keeps the time it took when it was measured
+                    edit_seconds.append(float(done[str(g[0].case_id)].get("seconds", 0.0)))
                     bar.update(1)
                     continue
                 t0 = time.time()

@@ -164,6 +164,13 @@ def test_files_crash_safety_and_resume(tiny, tmp_path):
     assert set(saved["metrics"]["efficacy_score"]) == {"mean", "std", "n"}
     assert {"median", "p90"} == set(saved["seconds"]["per_edit"])
     assert "| efficacy_score |" in (tmp_path / "results.md").read_text()
+    # everything finished: a resumed run edits nothing, keeps the measured times, renders
+    calls.clear()
+    again = evaluate.evaluate(tiny, REQS, crashing, method="scale", out=tmp_path, resume=True)
+    assert calls == [] and again["metrics"] == res["metrics"]
+    assert again["seconds"]["per_edit"]["median"] == pytest.approx(
+        float(np.median([c["seconds"] for c in res["cases"]]))
+    )
 
 
 def test_resume_refuses_a_different_run(tiny, tmp_path):
