@@ -173,13 +173,13 @@ def test_plan_cells_covers_grid_once():
         assert (group[:, 5] <= group[:, 3] + (group[:, 0] == 0)).all()
 
 
-
 def test_suffix_buckets_are_tight_and_few():
     sizes = [tr.suffix_bucket(n) for n in range(1, 257)]
     assert all(s >= n for n, s in zip(range(1, 257), sizes, strict=True))
     # at most a third of a suffix is padding, and 256 lengths need only 16 programs
     assert all(3 * (s - n) < s for n, s in zip(range(1, 257), sizes, strict=True))
     assert len(set(sizes)) == 16
+
 
 # ----------------------------------------------------------------------------- data sets
 
