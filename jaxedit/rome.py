@@ -59,7 +59,7 @@ from jaxedit.methods import EditResult, Method, register
 from jaxedit.model import KVCache, Params, forward, run_layers
 from jaxedit.requests import EditRequest
 from jaxedit.sites import SitePatch, get_weight, set_weight
-from jaxedit.tokenizer import bucket
+from jaxedit.tokenizer import bucket, fine_bucket
 
 VARIANTS = ("corrected", "paper")
 
@@ -388,12 +388,6 @@ class _Suffix(NamedTuple):
     logit_pos: Int[Array, "B N"]  # target-predicting positions, in suffix coordinates
 
 
-def _suffix_length(n: int) -> int:
-    """Suffix lengths are rounded up to 1, 2, 3, 4, 6, 8, 12, 16, ... (few compiles)."""
-    p = 1 << max(0, (n - 1).bit_length())
-    return p if p <= 2 or n > 3 * p // 4 else 3 * p // 4
-
-
 @partial(jax.jit, static_argnums=(0, 1, 2))
 def _clean_run(
     cfg: ModelConfig, layer: int, S: int, params: Params, tokens, mask, lookup, logit_pos
@@ -542,7 +536,7 @@ def compute_delta(
         raise InputError('context templates must start with the bare template "{}"')
     b = build_batch(lm, request, templates, hp.kl_prompt)
     R = len(templates)
-    S = _suffix_length(int((b.mask.sum(1) - b.lookup).max()))
+    S = fine_bucket(int((b.mask.sum(1) - b.lookup).max()))
     keys_bf, vals_bd, kl_init, suffix = _clean_run(
         cfg,
         layer,

@@ -29,8 +29,8 @@ fact. Here
 - a cell that restores token i at layer l cannot change anything below layer l (hidden: below
   l + 1) nor any position before i (attention is causal), so each cell resumes the corrupted
   run at its first restored layer (`model.run_layers`, a dynamic-length `fori_loop`) over only
-  the positions from i on (rounded up to a `suffix_bucket`), attending to the corrupted
-  keys/values of the earlier positions;
+  the positions from i on (rounded up to a `tokenizer.fine_bucket`: little padding, few
+  shapes), attending to the corrupted keys/values of the earlier positions;
   cells before the subject are exactly `low_score` (clean and corrupted states agree there);
 - cells are batched: per-cell restore masks are patch arrays `vmap`ped over a chunk, the clean
   activations are shared by all cells, logits only at the last position; cells are grouped by
@@ -55,7 +55,7 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxedit.errors import InputError
 from jaxedit.model import KVCache, forward, forward_jit, run_layers
 from jaxedit.sites import SitePatch
-from jaxedit.tokenizer import bucket
+from jaxedit.tokenizer import bucket, fine_bucket
 
 KINDS = ("hidden", "mlp", "attn")
 SITE = {"hidden": "resid", "mlp": "mlp_out", "attn": "attn_out"}
@@ -254,15 +254,6 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def suffix_bucket(n: int) -> int:
-    """The suffix length a cell restoring `n` positions from the end runs on: 1, 2, 3, 4, 6, 8,
-    12, 16, 24, ... (powers of two and 1.5 times them). Finer than powers of two (at most 33%
-    padding instead of 100%: the padded positions are computed for nothing) while a prompt
-    bucket still compiles a handful of programs."""
-    p = _pow2(n)
-    return p if p <= 2 or n > 3 * p // 4 else 3 * p // 4
-
-
 def plan_cells(
     n_layers: int, kinds: Sequence[str], positions: Sequence[int], T: int, window: int
 ) -> dict[int, np.ndarray]:
@@ -274,7 +265,7 @@ def plan_cells(
     groups: dict[int, list] = {}
     for k in kinds:
         for p in positions:
-            suffix = min(T, suffix_bucket(T - p))
+            suffix = min(T, fine_bucket(T - p))
             for layer in range(n_layers):
                 if k == "hidden":
                     lo, hi, start = layer, layer + 1, layer + 1

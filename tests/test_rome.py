@@ -21,6 +21,7 @@ from jaxedit.generate import next_token_logprobs, top_k
 from jaxedit.model import init_params
 from jaxedit.requests import EditRequest, from_prompt
 from jaxedit.sites import get_weight
+from jaxedit.tokenizer import fine_bucket
 
 EIFFEL = EditRequest(
     prompt="{} is located in the city of",
@@ -263,7 +264,7 @@ def test_suffix_steps_equal_the_full_forward(which, layer, request):
     cfg = lm.config
     req = dataclasses.replace(EIFFEL, target_new="Rio de Janeiro")
     b = rome.build_batch(lm, req, ["{}", "A short text. {}", "Hi. {}"], "{} is a")
-    S = rome._suffix_length(int((b.mask.sum(1) - b.lookup).max()))
+    S = fine_bucket(int((b.mask.sum(1) - b.lookup).max()))
     *_, suffix = rome._clean_run(
         cfg, layer, S, lm.params, b.tokens, b.mask, b.lookup, jnp.asarray(b.logit_pos)
     )

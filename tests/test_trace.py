@@ -12,6 +12,7 @@ import pytest
 
 from jaxedit import trace as tr
 from jaxedit.errors import InputError
+from jaxedit.tokenizer import fine_bucket
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"  # tokens 1..3 (" E", "iffel", " Tower"): token 0 precedes the subject
@@ -174,7 +175,7 @@ def test_plan_cells_covers_grid_once():
 
 
 def test_suffix_buckets_are_tight_and_few():
-    sizes = [tr.suffix_bucket(n) for n in range(1, 257)]
+    sizes = [fine_bucket(n) for n in range(1, 257)]
     assert all(s >= n for n, s in zip(range(1, 257), sizes, strict=True))
     # at most a third of a suffix is padding, and 256 lengths need only 16 programs
     assert all(3 * (s - n) < s for n, s in zip(range(1, 257), sizes, strict=True))
