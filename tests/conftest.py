@@ -39,3 +39,22 @@ def torch_available() -> bool:
 
 
 requires_torch = pytest.mark.skipif(not torch_available(), reason="PyTorch not installed")
+
+
+def tiny_llama_config(vocab_size: int):
+    """A random-init-sized 3-layer Llama (GQA 4/2 heads): cheap stand-in for unit tests."""
+    from jaxedit.config import ModelConfig
+
+    return ModelConfig(
+        model_type="llama",
+        family="llama",
+        vocab_size=vocab_size,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        d_ff=48,
+        max_positions=128,
+        rotary_dim=8,
+    )

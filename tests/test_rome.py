@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_llama_config
 
 from jaxedit import hparams as hparams_mod
 from jaxedit import rome, stats
 from jaxedit.checkpoint import LanguageModel
-from jaxedit.config import ModelConfig
 from jaxedit.errors import ConfigError, InputError
 from jaxedit.generate import next_token_logprobs, top_k
 from jaxedit.model import init_params
@@ -88,7 +88,7 @@ def test_singular_or_non_finite_covariance_is_refused_and_ridge_helps():
 
 
 def test_delta_record_apply_invert_save(tmp_path):
-    cfg = _tiny_cfg(vocab=64)
+    cfg = tiny_llama_config(64)
     params = init_params(cfg, 0)
     rng = np.random.default_rng(0)
     rec = rome.DeltaRecord(
@@ -194,26 +194,10 @@ def test_request_errors(smollm):
 # ----------------------------------------------------------------------------- the edit (tiny)
 
 
-def _tiny_cfg(vocab: int) -> ModelConfig:
-    return ModelConfig(
-        model_type="llama",
-        family="llama",
-        vocab_size=vocab,
-        d_model=32,
-        n_layers=3,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=8,
-        d_ff=48,
-        max_positions=128,
-        rotary_dim=8,
-    )
-
-
 @pytest.fixture(scope="module")
 def tiny(smollm):
     """A random 3-layer model speaking SmolLM2's tokenizer: cheap to edit, real prompts."""
-    cfg = _tiny_cfg(vocab=smollm.config.vocab_size)
+    cfg = tiny_llama_config(smollm.config.vocab_size)
     return LanguageModel("tiny", cfg, init_params(cfg, 0), smollm.tokenizer)
 
 

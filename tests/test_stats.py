@@ -12,10 +12,10 @@ from types import SimpleNamespace
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_llama_config
 
 from jaxedit import stats
 from jaxedit.checkpoint import LanguageModel
-from jaxedit.config import ModelConfig
 from jaxedit.errors import CheckpointError, InputError
 from jaxedit.model import forward_jit, init_params
 
@@ -23,19 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_lm(seed: int = 0) -> LanguageModel:
-    cfg = ModelConfig(
-        model_type="llama",
-        family="llama",
-        vocab_size=64,
-        d_model=32,
-        n_layers=3,
-        n_heads=4,
-        n_kv_heads=2,
-        head_dim=8,
-        d_ff=48,
-        max_positions=128,
-        rotary_dim=8,
-    )
+    cfg = tiny_llama_config(64)
     tok = SimpleNamespace(
         pad_id=0, bos_id=1, eos_id=2, tok=SimpleNamespace(token_to_id=lambda t: None)
     )
