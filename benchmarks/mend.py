@@ -32,7 +32,7 @@ from jaxedit import mend
 from jaxedit import mend_train as mt
 from jaxedit.checkpoint import load
 from jaxedit.model import forward
-from jaxedit.sites import get_weight
+from jaxedit.sites import get_weight, set_weight
 
 DATA = Path(__file__).parent.parent.parent / "shared" / "data" / "counterfact"
 OUT = Path(__file__).parent / "results" / "mend.json"
@@ -68,7 +68,7 @@ def edit_latency(lm, hp, requests, n: int) -> dict:
         def loss(ws):
             p = params
             for (s, layer), w in zip(layout.weights, ws, strict=True):
-                p = mend.set_weight(p, s, layer, w)
+                p = set_weight(p, s, layer, w)
             return mend.nll(forward(cfg, p, x.tokens, x.mask, logit_positions=x.pos).logits, x)
 
         return jax.grad(loss)(ws)

@@ -51,7 +51,7 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxedit.config import ModelConfig
 from jaxedit.errors import ConfigError, InputError
 from jaxedit.model import _activation, forward
-from jaxedit.sites import SitePatch, get_weight, set_weight
+from jaxedit.sites import SitePatch, add_to_weights
 
 # Edited weights are addressed by the site their layer produces (see `jaxedit.sites`):
 #   mlp_out  = down / c_proj / fc_out   [F, D], input u = mlp_key
@@ -503,10 +503,15 @@ def pseudo_gradients_loop(editor, norm, layout, factors, use_norm) -> list[Array
 
 
 def apply_updates(params: dict, layout: Layout, edit_lrs: Array, grads: list[Array]) -> dict:
-    """W̃_l = W_l + η_l ∇̃W_l (computed in fp32, stored in the param dtype)."""
-    for i, (site, layer) in enumerate(layout.weights):
-        w = get_weight(params, site, layer)
-        params = set_weight(params, site, layer, w.astype(jnp.float32) + edit_lrs[i] * grads[i])
+    """W̃_l = W_l + η_l ∇̃W_l (computed in fp32, stored in the param dtype), one update of each
+    stacked weight array for all its edited layers."""
+    by_site: dict[str, list[int]] = {}
+    for i, (site, _) in enumerate(layout.weights):
+        by_site.setdefault(site, []).append(i)
+    for site, idx in by_site.items():
+        layers = tuple(layout.weights[i][1] for i in idx)
+        deltas = jnp.stack([edit_lrs[i] * grads[i].astype(jnp.float32) for i in idx])
+        params = add_to_weights(params, site, layers, deltas)
     return params
 
 

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.linalg
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxedit import hparams as hparams_mod
@@ -220,7 +221,7 @@ def load_deltas(path: str | Path) -> list[DeltaRecord]:
 def left_vector(
     C: Float[Array, "F F"] | None, k_star: Float[Array, " F"], ridge: float = 0.0
 ) -> np.ndarray:
-    """u = C⁻¹ k* by a solve (float64), or k* when C is None (no second-moment adjustment)."""
+    """u = C⁻¹ k* by a Cholesky solve (float64); k* when C is None (no second-moment adjustment)."""
     k = np.asarray(k_star, np.float64)
     if C is None:
         return k
@@ -231,14 +232,16 @@ def left_vector(
         raise InputError("the key covariance holds non-finite values (recompute the statistics)")
     if ridge > 0:
         C = C + ridge * np.mean(np.diag(C)) * np.eye(k.size)
+    # One Cholesky factorisation both checks that C is positive definite (else the solve is
+    # meaningless) and solves: C is a second moment, symmetric by construction.
     try:
-        np.linalg.cholesky(C)  # positive definite? (else the solve is meaningless)
+        factor = scipy.linalg.cho_factor(C, lower=True, check_finite=False)
     except np.linalg.LinAlgError as e:
         raise InputError(
             "the key covariance is singular (not positive definite): compute the statistics "
             "over more tokens, or set a ridge (hparams 'ridge' / --ridge, e.g. 1e-4)"
         ) from e
-    u = np.linalg.solve(C, k)
+    u = scipy.linalg.cho_solve(factor, k, check_finite=False)
     if not np.all(np.isfinite(u)):
         raise InputError("solving C u = k* gave non-finite values; set a ridge (--ridge 1e-4)")
     return u

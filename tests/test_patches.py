@@ -14,7 +14,7 @@ import pytest
 from test_model_parity import golden, golden_model
 
 from jaxedit.model import KVCache, forward, forward_jit
-from jaxedit.sites import BLOCK_SITES, SitePatch, make_patch
+from jaxedit.sites import BLOCK_SITES, SitePatch, add_to_weights, get_weight, make_patch, set_weight
 
 
 @functools.cache
@@ -196,3 +196,22 @@ def test_truncated_forward_rejects_bad_depth():
     lm, tokens, mask, _ = setup()
     with pytest.raises(ValueError, match="n_layers"):
         forward(lm.config, lm.params, tokens, mask, n_layers=lm.config.n_layers + 1)
+
+
+@pytest.mark.parametrize("layers", [(0, 1), (1, 0), (1,)])
+def test_add_to_weights_equals_per_layer_updates(layers):
+    """One update of the stacked array == one `set_weight` per layer; the input is untouched."""
+    params = golden_model("llama").params
+    before = np.asarray(get_weight(params, "mlp_out", layers[0]))
+    deltas = jax.random.normal(jax.random.key(1), (len(layers), *before.shape))
+    got = add_to_weights(params, "mlp_out", layers, deltas)
+    want = params
+    for layer, d in zip(layers, deltas, strict=True):
+        want = set_weight(want, "mlp_out", layer, get_weight(want, "mlp_out", layer) + d)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(get_weight(params, "mlp_out", layers[0])), before)
+    with pytest.raises(ValueError, match="one delta per distinct layer"):
+        add_to_weights(params, "mlp_out", (1, 1), deltas[:1].repeat(2, 0))
+    with pytest.raises(ValueError, match="out of range"):
+        add_to_weights(params, "mlp_out", (2,), deltas[:1])
