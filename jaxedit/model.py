@@ -375,6 +375,8 @@ def forward(
         h, sites, kv = block(h, positions, bias, patches, prefix_kv)
         return h, ({s: sites[s] for s in want}, kv if return_kv else None)
 
+    # Under `grad` save only matmul outputs for the backward pass (see `run_layers`).
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable)
     h, (captured, kv) = jax.lax.scan(body, x, (block_state, layer_patches, layer_cache))
     if "embed" in capture:
         captured = {**captured, "embed": embedded}
@@ -453,6 +455,10 @@ def run_layers(
         prefix_kv = None if cache is None else (take(cache.k), take(cache.v))
         return block(h, positions, bias, patches, prefix_kv)[0]
 
+    # Under `grad` (ROME's v* steps) keep only the matmul outputs for the backward pass and
+    # recompute the rest: by default every layer's weight slice taken in the loop is saved as
+    # a residual, an extra copy of the whole stack per step (backward 1.6x slower on a CPU core).
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable)
     h = jax.lax.fori_loop(start, cfg.n_layers, body, h.astype(jnp.float32))
     if logit_positions is not None:
         h = jnp.take_along_axis(h, logit_positions[..., None], axis=1)
