@@ -31,7 +31,7 @@ import numpy as np
 from jaxedit import rome, stats
 from jaxedit.checkpoint import load, save_hf
 from jaxedit.requests import EditRequest
-from jaxedit.tokenizer import bucket
+from jaxedit.tokenizer import fine_bucket
 
 HERE = Path(__file__).parent
 DATA = HERE.parent.parent / "shared" / "data" / "wikitext" / "wiki.test.raw"
@@ -58,7 +58,8 @@ def torch_stats(model, layer: int, docs, batch_tokens: int) -> tuple[np.ndarray,
     t0 = time.perf_counter()
     with torch.no_grad():
         for tokens, mask in stats.pack(docs, 0, batch_tokens):
-            ids, m = torch.from_numpy(tokens).long(), torch.from_numpy(mask).long()
+            T = int(mask.sum(1).max())  # the original collates to the batch's longest document
+            ids, m = torch.from_numpy(tokens[:, :T]).long(), torch.from_numpy(mask[:, :T]).long()
             try:
                 model(input_ids=ids, attention_mask=m)
             except Stop:
@@ -168,7 +169,7 @@ def main():
     c = stats.load_corpus(lm, str(DATA), n_tokens=a.tokens, max_len=256)
     n_tok = sum(map(len, c.docs))
     stats.second_moment(lm, hp.layer, c.docs[:8])  # compile the buckets once ...
-    for T in sorted({bucket(len(d)) for d in c.docs}):
+    for T in sorted({fine_bucket(len(d)) for d in c.docs}):
         stats.second_moment(lm, hp.layer, [[1] * T])
     t0 = time.perf_counter()
     C, _ = stats.second_moment(lm, hp.layer, c.docs)  # ... then the steady state

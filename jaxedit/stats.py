@@ -45,7 +45,7 @@ from jaxedit.checkpoint import LanguageModel
 from jaxedit.config import ModelConfig
 from jaxedit.errors import CheckpointError, InputError
 from jaxedit.model import KVCache, Params, forward
-from jaxedit.tokenizer import bucket
+from jaxedit.tokenizer import fine_bucket
 
 CACHE_ENV = "JAXEDIT_CACHE"
 HF_CORPORA = {
@@ -300,12 +300,12 @@ def load_corpus(
 def pack(
     docs: list[list[int]], pad_id: int, batch_tokens: int, multiple: int = 1
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(tokens [B T], mask [B T]) batches of documents sorted by length, T a shape bucket and
+    """(tokens [B T], mask [B T]) batches of documents sorted by length, T a `fine_bucket` and
     B = batch_tokens // T rounded to a multiple of the device count: one compile per bucket."""
     order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
     i = 0
     while i < len(order):
-        T = bucket(len(docs[order[i]]))
+        T = fine_bucket(len(docs[order[i]]))  # ≤ 1/3 padding
         B = max(multiple, (max(1, batch_tokens // T) // multiple) * multiple)
         rows = [docs[j] for j in order[i : i + B]]
         i += len(rows)
