@@ -569,6 +569,12 @@ def pad_pairs(tok, pairs: list[tuple[list[int], list[bool]]], length: int):
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--editor", help="directory written by `jaxedit mend-train`")
+    p.add_argument(
+        "--edit-scale",
+        type=float,
+        default=1.0,
+        help="multiply the learned step sizes η (MEND: trades efficacy for locality; default 1)",
+    )
 
 
 def _prepare(lm, args: argparse.Namespace):
@@ -576,13 +582,20 @@ def _prepare(lm, args: argparse.Namespace):
 
     if not getattr(args, "editor", None):
         raise InputError("MEND needs a trained editor: --editor DIR (see `jaxedit mend-train`)")
-    return make_editor(lm, load_editor(args.editor, lm))
+    return make_editor(lm, load_editor(args.editor, lm), scale=getattr(args, "edit_scale", 1.0))
 
 
-def make_editor(lm, trained):
-    """(lm, requests) -> EditResult for a loaded `TrainedEditor`; jitted once per length bucket."""
+def make_editor(lm, trained, scale: float = 1.0):
+    """(lm, requests) -> EditResult for a loaded `TrainedEditor`; jitted once per length bucket.
+
+    `scale` multiplies every learned step size η_l (1 = as trained): the update η ∇̃W is linear
+    in η, so scale < 1 trades efficacy for locality without retraining."""
+    if not (np.isfinite(scale) and scale >= 0):
+        raise InputError(f"edit scale must be a finite number ≥ 0, not {scale}")
     from jaxedit.methods import EditResult
     from jaxedit.tokenizer import bucket
+
+    editor = {**trained.editor, "edit_lrs": trained.editor["edit_lrs"] * scale}
 
     cfg, layout, hp = lm.config, trained.layout, trained.hparams
 
@@ -599,13 +612,14 @@ def make_editor(lm, trained):
             lm_.tokenizer, pairs, bucket(max(len(p[0]) for p in pairs))
         )
         n_pos = -(-int(labels.sum(1).max()) // 8) * 8  # compile once per 8 target tokens
-        new, rec = run(lm_.params, trained.editor, trained.norm, tokens, mask, labels, n_pos)
+        new, rec = run(lm_.params, editor, trained.norm, tokens, mask, labels, n_pos)
         names = [f"{s}.{layer}" for s, layer in layout.weights]
         summary = {
             "weights": names,
             "edit_loss_before": float(rec["edit_loss"]),
             "update_norms": {n: float(x) for n, x in zip(names, rec["update_norms"], strict=True)},
-            "edit_lrs": [float(x) for x in trained.editor["edit_lrs"]],
+            "edit_lrs": [float(x) for x in editor["edit_lrs"]],
+            "edit_scale": scale,
         }
         return EditResult(model=lm_.with_params(new), record=rec, summary=summary)
 

@@ -336,6 +336,34 @@ def test_cli_empty_training_set_exits_2(tmp_path, capsys):
     assert "empty training set" in capsys.readouterr().err
 
 
+def test_edit_scale_is_linear_in_the_update(smollm):
+    """`scale` multiplies η: 0 leaves the model as it was, 2 doubles every weight update."""
+    from jaxedit.requests import from_prompt
+
+    lm = _tiny(smollm)
+    hp = mend.MENDHparams(rank=8)
+    layout = mend.make_layout(lm.config, hp)
+    trained = mt.TrainedEditor(
+        mend.init_editor(jax.random.key(0), layout, hp), mend.init_norm(layout), layout, hp, 0, {}
+    )
+    req = [from_prompt("The Eiffel Tower is in", "The Eiffel Tower", "Rome")]
+    deltas = {}
+    for scale in (0.0, 1.0, 2.0):
+        res = mend.make_editor(lm, trained, scale=scale)(lm, req)
+        assert res.summary["edit_scale"] == scale
+        deltas[scale] = [
+            np.asarray(get_weight(res.model.params, s, layer) - get_weight(lm.params, s, layer))
+            for s, layer in layout.weights
+        ]
+    assert all(not d.any() for d in deltas[0.0])
+    assert any(np.abs(d).max() > 0 for d in deltas[1.0])
+    for one, two in zip(deltas[1.0], deltas[2.0], strict=True):
+        np.testing.assert_allclose(two, 2 * one, rtol=1e-5, atol=1e-7)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(InputError, match="edit scale"):
+            mend.make_editor(lm, trained, scale=bad)
+
+
 def test_method_registered_and_needs_editor(smollm):
     import argparse
 
