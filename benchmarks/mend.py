@@ -187,8 +187,8 @@ def main() -> None:
     aff = sorted(os.sched_getaffinity(0))
     result["status"] = "complete" if not args.skip_timing else "timing skipped"
     result["note"] = (
-        f"run pinned to CPU(s) {aff} of a {os.cpu_count()}-CPU machine (the other core ran "
-        "other jobs); edit latency = one MEND edit returning a new model (median of "
+        f"run pinned to CPU(s) {aff} of a {os.cpu_count()}-CPU machine (what else ran: see "
+        "load_average_at_start); edit latency = one MEND edit returning a new model (median of "
         "n_latency, compile excluded); updates_only = factors + editor + η∇̃W without "
         "building the new parameter tree"
     )
