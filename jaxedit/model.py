@@ -375,7 +375,8 @@ def forward(
         h, sites, kv = block(h, positions, bias, patches, prefix_kv)
         return h, ({s: sites[s] for s in want}, kv if return_kv else None)
 
-    # Under `grad` save only matmul outputs for the backward pass (see `run_layers`).
+    # Under `grad` save only matmul outputs for the backward pass, as in `run_layers` (a MEND
+    # training step on a CPU core: 1.5-1.7 s instead of 1.8 s).
     body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable)
     h, (captured, kv) = jax.lax.scan(body, x, (block_state, layer_patches, layer_cache))
     if "embed" in capture:

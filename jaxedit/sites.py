@@ -130,7 +130,7 @@ def add_to_weights(
 
     One update of the stacked [L I O] array for all the layers, not one per layer: every update
     of a stacked array outside a donated buffer is a copy of all L layers, which dominates a
-    MEND edit on a CPU (three 106 MB copies per edited site on SmolLM2 instead of nine).
+    MEND edit on a CPU (on SmolLM2, three 106 MB copies for its nine edited weights, not nine).
     Consecutive layers (MEND's last three blocks) are one `dynamic_update_slice`.
     """
     if len(layers) != deltas.shape[0] or len(set(layers)) != len(layers):
