@@ -5,7 +5,8 @@ Measured in one run, on the same weights, templates, request and statistics corp
   jaxedit: jitted truncated forward (`n_layers = layer + 1`), packed batches, steady state.
   baseline: transformers model + forward hook on `mlp.down_proj` input, batch by batch, the
   forward stopped at the layer by an exception (as ROME's `layer_stats` / `nethook.Trace(stop=
-  True)`), k kᵀ summed per batch.
+  True)`), k kᵀ summed per batch. Also reported: the same hook with the whole forward run
+  (all blocks and logits), as the issue text describes the baseline; not the ratio we count.
 - edit: seconds per ROME edit with the statistics given (u, v* optimisation, update).
   jaxedit: `rome.edit` (one jitted while_loop), after a warm-up edit of the same shapes.
   baseline: `compute_u` / `compute_v` re-enacted: hooks on the MLP output adding δ at the last
@@ -39,7 +40,11 @@ REQ = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tow
                   target_new="Rome")  # fmt: skip
 
 
-def torch_stats(model, layer: int, docs, batch_tokens: int) -> tuple[np.ndarray, int, float]:
+def torch_stats(
+    model, layer: int, docs, batch_tokens: int, stop: bool = True
+) -> tuple[np.ndarray, int, float]:
+    """C by a forward pre-hook on `down_proj`; `stop=False` lets the whole forward (all blocks
+    and the logits) run, the "full forward with a hook" some descriptions of ROME give."""
     import torch
 
     F = model.config.intermediate_size
@@ -52,7 +57,8 @@ def torch_stats(model, layer: int, docs, batch_tokens: int) -> tuple[np.ndarray,
 
     def hook(mod, inputs):
         feats["k"] = inputs[0]
-        raise Stop
+        if stop:
+            raise Stop
 
     h = model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(hook)
     t0 = time.perf_counter()
@@ -175,6 +181,7 @@ def main():
     C, _ = stats.second_moment(lm, hp.layer, c.docs)  # ... then the steady state
     jax_stats_s = time.perf_counter() - t0
     C_t, _, torch_stats_s = torch_stats(model, hp.layer, c.docs, 4096)
+    _, _, torch_full_s = torch_stats(model, hp.layer, c.docs, 4096, stop=False)
     c_err = float(np.max(np.abs(C - C_t)) / np.max(np.abs(C)))
 
     templates = rome.context_templates(lm, hp.context_template_length_params, seed=0)
@@ -201,6 +208,10 @@ def main():
             "max_rel_diff_C": c_err,
             "baseline": "transformers + forward pre-hook on mlp.down_proj, forward stopped at "
             "the layer by an exception (ROME layer_stats), fp32 k kᵀ per batch",
+            # The issue text describes the baseline as a "full forward with a hook"; kmeng01/rome
+            # stops the forward at the layer (above), which is the ratio we count.
+            "torch_full_forward_tokens_per_s": round(n_tok / torch_full_s, 1),
+            "speedup_vs_full_forward": round(torch_full_s / jax_stats_s, 2),
         },
         "edit": {
             "templates": len(templates),
