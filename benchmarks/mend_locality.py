@@ -43,7 +43,10 @@ INPUT_SITE = {"mlp_out": "mlp_key", "mlp_up": "mlp_in", "mlp_gate": "mlp_in"}
 
 
 def key_second_moments(lm, layers, n_tokens: int, doc_len: int = 128) -> dict:
-    """C / (tr C / d) + 1e-3 I at `mlp_in` and `mlp_key` of each layer, over wikitext."""
+    """C / (tr C / d) + 1e-3 I at `mlp_in` and `mlp_key` of each layer, over wikitext.
+
+    Not `jaxedit.stats.second_moment`: that streams one layer's `mlp_key` (ROME's C); here one
+    forward per document serves both input sites of every analysed layer."""
     fwd = jax.jit(lambda p, t: forward(lm.config, p, t, capture=("mlp_in", "mlp_key")).captured)
     # (params are arguments, never closed over: jit would fold them in as constants)
     lines = (SHARED / "wikitext" / "wiki.valid.raw").read_text().splitlines()
@@ -97,8 +100,7 @@ def main() -> None:
         return mend.labelled(jnp.asarray(t), jnp.asarray(m), jnp.asarray(lab), 8)
 
     @jax.jit
-    def gradient(params, top, x):
-        h0 = mend.prefix_resid(cfg, params, x.tokens, x.mask, first)
+    def gradient(top, x, h0):
         return mend.true_gradients(mend.gradient_factors(cfg_top, top, shifted, x, h0)[1], layout)
 
     prefix = jax.jit(lambda params, x: mend.prefix_resid(cfg, params, x.tokens, x.mask, first))
@@ -118,15 +120,17 @@ def main() -> None:
 
     def smallest_win(direction, x, h0, lo=-3.0, hi=3.0, steps=8):
         """Bisection on log10 η for the first step whose rewrite margin is > 0 (None if none)."""
-        if float(margins(direction, 10.0**hi, x, h0)[0]) <= 0:
+        won = np.asarray(margins(direction, 10.0**hi, x, h0))
+        if won[0] <= 0:
             return None
         for _ in range(steps):
             mid = (lo + hi) / 2
-            if float(margins(direction, 10.0**mid, x, h0)[0]) > 0:
-                hi = mid
+            m = np.asarray(margins(direction, 10.0**mid, x, h0))
+            if m[0] > 0:
+                hi, won = mid, m
             else:
                 lo = mid
-        return 10.0**hi, np.asarray(margins(direction, 10.0**hi, x, h0))
+        return 10.0**hi, won
 
     records = json.loads((SHARED / "counterfact" / "counterfact-edit.json").read_text())
     cases = []
@@ -142,7 +146,8 @@ def main() -> None:
             continue
         x = labelled(pairs)
         h0 = prefix(lm.params, x)
-        grad = gradient(lm.params, top, labelled([pairs[0]]))
+        # the rewrite row of x (prompt + target_new) is the edit input: reuse its residual
+        grad = gradient(top, type(x)(*(a[:1] for a in x)), h0[:1])
         base = np.asarray(margins(grad, 0.0, x, h0))
         if base[0] > 0:  # not known: the unedited model already prefers target_new
             continue
