@@ -1,6 +1,6 @@
 """Evaluation throughput: batched teacher-forced scoring vs one query at a time.
 
-Both sides run the same jitted scoring function (`jaxedit.metrics._lm_scores`: forward with
+Both sides run the same jitted scoring function (`jaxedit.eval.scoring._lm_scores`: forward with
 logits only at the scored positions, then log-softmax and gather) on the same queries (the
 rewrite / paraphrase / neighbourhood queries of CounterFact cases, `--method none`):
 
@@ -30,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxedit import data, evaluate, metrics
-from jaxedit.checkpoint import load
+from jaxedit.eval import datasets as data
+from jaxedit.eval import runner as evaluate
+from jaxedit.eval import scoring as metrics
+from jaxedit.io.checkpoint import load
 
 DATA = Path(__file__).parent.parent.parent / "shared" / "data" / "counterfact"
 OUT = Path(__file__).parent / "results" / "eval.json"

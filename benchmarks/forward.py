@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxedit.checkpoint import embedded_gguf_path, load
-from jaxedit.model import forward_jit
+from jaxedit.io.checkpoint import embedded_gguf_path, load
+from jaxedit.models.transformer import forward_jit
 
 RESULTS = Path(__file__).parent / "results" / "forward.json"
 

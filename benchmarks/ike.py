@@ -2,11 +2,11 @@
 
 Same model, same CounterFact edits, same IKE contexts (retrieved from the training split with
 TF-IDF, so no pool embedding is needed here), same queries: every (prompt, target) the
-evaluation runner scores for an edit (`jaxedit.evaluate.queries`: rewrite and paraphrase with
+evaluation runner scores for an edit (`jaxedit.eval.runner.queries`: rewrite and paraphrase with
 target_new and target_true, the neighbour with its answer and with target_new).
 
 - cached   : `metrics.score_targets(..., prefix=context)`: the context runs once into a KV
-             cache, the short query rows attend to it (`jaxedit.prefix_cache`).
+             cache, the short query rows attend to it (`jaxedit.eval.prefix_cache`).
 - baseline : the same rows with the context prepended and recomputed in every row
              (`metrics.score_ids(lm_scorer(lm), with_prefix(...))`), as before the cache.
 
@@ -28,8 +28,11 @@ import warnings
 
 import numpy as np
 
-from jaxedit import data, evaluate, ike, metrics
-from jaxedit.checkpoint import load
+from jaxedit.eval import datasets as data
+from jaxedit.eval import runner as evaluate
+from jaxedit.eval import scoring as metrics
+from jaxedit.io.checkpoint import load
+from jaxedit.methods import ike
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "counterfact")
 

@@ -28,11 +28,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxedit import mend
-from jaxedit import mend_train as mt
-from jaxedit.checkpoint import load
-from jaxedit.model import forward
-from jaxedit.sites import get_weight, set_weight
+from jaxedit.io.checkpoint import load
+from jaxedit.methods.mend import editor as mend
+from jaxedit.methods.mend import train as mt
+from jaxedit.models.sites import get_weight, set_weight
+from jaxedit.models.transformer import forward
 
 DATA = Path(__file__).parent.parent.parent / "shared" / "data" / "counterfact"
 OUT = Path(__file__).parent / "results" / "mend.json"
@@ -135,8 +135,8 @@ def train_throughput(lm, hp, n_steps: int) -> dict:
 
 def counterfact_scores(lm, editor_dir: str, n_eval: int, offset: int = 0) -> dict:
     """Efficacy / paraphrase / neighbourhood scores on the first `n_eval` known cases."""
-    from jaxedit import data as data_mod
-    from jaxedit import evaluate as ev
+    from jaxedit.eval import datasets as data_mod
+    from jaxedit.eval import runner as ev
 
     trained = mt.load_editor(editor_dir, lm)
     ds = data_mod.load(DATA / "counterfact-edit.json", n=4 * n_eval, offset=offset)
@@ -172,7 +172,7 @@ def main() -> None:
 
     lm = load("smollm2-135m")
     hp = mend.hparams_for(lm.config, lm.name)
-    from jaxedit import data as data_mod
+    from jaxedit.eval import datasets as data_mod
 
     requests = data_mod.load(DATA / "counterfact-edit.json", n=40).requests
     result: dict = {}

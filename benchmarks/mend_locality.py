@@ -6,7 +6,7 @@ for each known case, take the exact gradient ∇W of the edit loss (NLL of targe
 rewrite prompt) on the edited weights and step along it, W − η ∇W / ‖∇W‖, with the smallest
 η that makes the edit win on its own prompt (P(new) > P(true), found per case by bisection
 on log η: an oracle no editor has). At that step, record the paraphrase and neighbourhood
-outcomes (ROME's PS / NS definitions, `jaxedit.metrics`).
+outcomes (ROME's PS / NS definitions, `jaxedit.eval.scoring`).
 
 Two directions per case:
   raw   the gradient itself (what an identity MEND editor without normalisation applies),
@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxedit import mend
-from jaxedit.checkpoint import load
-from jaxedit.model import forward
+from jaxedit.io.checkpoint import load
+from jaxedit.methods.mend import editor as mend
+from jaxedit.models.transformer import forward
 
 SHARED = Path(__file__).parent.parent.parent / "shared" / "data"
 OUT = Path(__file__).parent / "results" / "mend_locality.json"
@@ -45,7 +45,7 @@ INPUT_SITE = {"mlp_out": "mlp_key", "mlp_up": "mlp_in", "mlp_gate": "mlp_in"}
 def key_second_moments(lm, layers, n_tokens: int, doc_len: int = 128) -> dict:
     """C / (tr C / d) + 1e-3 I at `mlp_in` and `mlp_key` of each layer, over wikitext.
 
-    Not `jaxedit.stats.second_moment`: that streams one layer's `mlp_key` (ROME's C); here one
+    Not `jaxedit.stats`: it streams one layer's `mlp_key` (ROME's C); here one
     forward per document serves both input sites of every analysed layer."""
     fwd = jax.jit(lambda p, t: forward(lm.config, p, t, capture=("mlp_in", "mlp_key")).captured)
     # (params are arguments, never closed over: jit would fold them in as constants)

@@ -29,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxedit import rome, stats
-from jaxedit.checkpoint import load, save_hf
+from jaxedit.io.checkpoint import load, save_hf
+from jaxedit.io.tokenizer import fine_bucket
+from jaxedit.methods import rome
 from jaxedit.requests import EditRequest
-from jaxedit.tokenizer import fine_bucket
+from jaxedit.stats import second_moment as stats
 
 HERE = Path(__file__).parent
 DATA = HERE.parent.parent / "shared" / "data" / "wikitext" / "wiki.test.raw"

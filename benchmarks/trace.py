@@ -1,6 +1,6 @@
 """Causal-tracing benchmark: the whole grid (hidden, mlp, attn; 10 samples) for one fact.
 
-jaxedit's batched grid (`jaxedit.trace.trace`) against two cell-by-cell loops that mirror the
+jaxedit's batched grid (`jaxedit.locate.trace.trace`) against two cell-by-cell loops that mirror the
 original ROME implementation (kmeng01/rome `trace_with_patch`: one forward of samples + 1 rows
 per grid cell, the clean run in row 0 whose states are copied into the corrupted rows, logits
 at every position, the prompt at its exact length), same model, prompt and noise draws:
@@ -36,8 +36,8 @@ import time
 import jax
 import numpy as np
 
-from jaxedit import trace as tr
-from jaxedit.checkpoint import load, save_hf
+from jaxedit.io.checkpoint import load, save_hf
+from jaxedit.locate import trace as tr
 
 
 def torch_loop(lm, ids, subject_range, eps, answer, cells, window) -> dict:

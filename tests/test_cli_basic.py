@@ -16,9 +16,9 @@ import pytest
 from test_checkpoint import write_gguf
 from test_model_parity import GOLDENS
 
-import jaxedit.commands._common as common
-from jaxedit.checkpoint import DEFAULT_MODEL, load
-from jaxedit.cli import build_parser, main
+import jaxedit.cli.shared as common
+from jaxedit.cli.main import build_parser, main
+from jaxedit.io.checkpoint import DEFAULT_MODEL, load
 
 PROMPT = "The Eiffel Tower is located in the city of"
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from conftest import torch_available
 
-from jaxedit import cli, rome
-from jaxedit.checkpoint import load_hf_dir
-from jaxedit.commands import _common
+from jaxedit import cli
+from jaxedit.cli import shared as _common
+from jaxedit.io.checkpoint import load_hf_dir
+from jaxedit.methods import rome
 
 PROMPT = "{} is located in the city of"
 SUBJECT = "The Eiffel Tower"
@@ -103,7 +104,7 @@ def test_edit_json_save_and_delta(use_smollm, capsys, tmp_path, data_dir):
 
 
 def test_edit_requests_file_is_read(tmp_path):
-    from jaxedit.commands.edit import read_requests
+    from jaxedit.cli.commands.edit import read_requests
     from jaxedit.errors import InputError
 
     f = tmp_path / "r.jsonl"

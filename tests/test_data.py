@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from jaxedit import data
 from jaxedit.errors import InputError
+from jaxedit.eval import datasets as data
 
 
 def path(data_dir, *p):

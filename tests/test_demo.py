@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from jaxedit.cli import main
+from jaxedit.cli.main import main
 
 
 def test_demo_quick_shows_what_the_model_believes(smollm, capsys, monkeypatch):
-    monkeypatch.setattr("jaxedit.commands.demo.load_model", lambda args: smollm)
+    monkeypatch.setattr("jaxedit.cli.commands.demo.load_model", lambda args: smollm)
     assert main(["demo", "--quick", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     first = {row["prompt"]: row["top"][0]["token"] for row in out["predictions"]}
@@ -19,7 +19,7 @@ def test_demo_quick_shows_what_the_model_believes(smollm, capsys, monkeypatch):
 
 @pytest.mark.slow  # a causal trace and three ROME edits: minutes on 2 cores
 def test_full_demo_edits_the_eiffel_tower(smollm, capsys, monkeypatch):
-    monkeypatch.setattr("jaxedit.commands.demo.load_model", lambda args: smollm)
+    monkeypatch.setattr("jaxedit.cli.commands.demo.load_model", lambda args: smollm)
     assert main(["demo", "--json", "--samples", "3", "--n-facts", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["trace"]["answer"] == " Paris"

@@ -9,12 +9,15 @@ import jax
 import numpy as np
 import pytest
 
-from jaxedit import cli, evaluate, facts, methods
-from jaxedit.checkpoint import LanguageModel
+from jaxedit import cli
+from jaxedit.methods import legacy as methods
 from jaxedit.errors import InputError
-from jaxedit.methods import EditResult
-from jaxedit.model import init_params
-from jaxedit.sites import get_weight, set_weight
+from jaxedit.eval import runner as evaluate
+from jaxedit.locate import facts
+from jaxedit.methods.legacy import EditResult
+from jaxedit.models.lm import LanguageModel
+from jaxedit.models.sites import get_weight, set_weight
+from jaxedit.models.transformer import init_params
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def test_none_method_equals_baseline(tiny):
 
 def test_baseline_measured_directly(tiny):
     """Baseline numbers equal metrics computed by hand from score_targets."""
-    from jaxedit import metrics
+    from jaxedit.eval import scoring as metrics
 
     res = evaluate.evaluate(tiny, REQS[:1], scale_edit)
     r = REQS[0]
@@ -107,7 +110,7 @@ def test_batch_mode(tiny):
 
 
 def test_known_only_reports_dropped(tiny):
-    from jaxedit import metrics
+    from jaxedit.eval import scoring as metrics
 
     res = evaluate.evaluate(tiny, facts.FACTS, scale_edit, known_only=True)
     prompts = [f.rewrite_prompt for f in facts.FACTS]
@@ -254,7 +257,7 @@ def test_cli_none_on_counterfact(data_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_generation_metrics(tiny):
-    from jaxedit import metrics
+    from jaxedit.eval import scoring as metrics
 
     r = facts.FACTS[0]
     tf = metrics.TfIdf.fit(["the eiffel tower is in paris", "rome is in italy", "a b c d e"])

@@ -9,8 +9,8 @@ import pytest
 from test_model_parity import golden_model
 
 from jaxedit.errors import InputError
-from jaxedit.generate import _generate, generate, next_token_logprobs, top_k
-from jaxedit.model import forward_jit
+from jaxedit.models.generate import _generate, generate, next_token_logprobs, top_k
+from jaxedit.models.transformer import forward_jit
 
 
 def naive_greedy(lm, ids: list[int], n: int, width: int = 32) -> list[int]:

@@ -9,8 +9,9 @@ import warnings
 import numpy as np
 import pytest
 
-from jaxedit import ike, methods
+from jaxedit.methods import legacy as methods
 from jaxedit.errors import InputError
+from jaxedit.methods import ike
 from jaxedit.requests import EditRequest, Probe
 
 
@@ -305,7 +306,7 @@ def test_registered_method(smollm, tmp_path):
 
 def test_context_moves_the_model_to_the_new_fact(smollm):
     """The point of IKE: after the context, the new object is likelier on the rewrite prompt."""
-    from jaxedit import metrics
+    from jaxedit.eval import scoring as metrics
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -10,13 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxedit import mend
-from jaxedit import mend_train as mt
-from jaxedit.checkpoint import LanguageModel
-from jaxedit.config import ModelConfig
 from jaxedit.errors import CheckpointError, InputError
-from jaxedit.model import forward, init_params
-from jaxedit.sites import get_weight
+from jaxedit.methods.mend import editor as mend
+from jaxedit.methods.mend import train as mt
+from jaxedit.models.config import ModelConfig
+from jaxedit.models.lm import LanguageModel
+from jaxedit.models.sites import get_weight
+from jaxedit.models.transformer import forward, init_params
 
 
 def _tiny(smollm, family="llama", seed=0) -> LanguageModel:
@@ -328,7 +328,7 @@ def test_empty_or_bad_training_set(tmp_path):
 
 
 def test_cli_empty_training_set_exits_2(tmp_path, capsys):
-    from jaxedit.cli import main
+    from jaxedit.cli.main import main
 
     (tmp_path / "empty.json").write_text("[]")
     rc = main(["mend-train", "--data", str(tmp_path / "empty.json"), "--out", str(tmp_path / "o")])
@@ -367,7 +367,7 @@ def test_edit_scale_is_linear_in_the_update(smollm):
 def test_method_registered_and_needs_editor(smollm):
     import argparse
 
-    from jaxedit import methods
+    from jaxedit.methods import legacy as methods
 
     m = methods.get("mend")
     p = argparse.ArgumentParser()

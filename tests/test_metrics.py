@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxedit import metrics
 from jaxedit.errors import InputError
+from jaxedit.eval import scoring as metrics
 
 V = 8
 
@@ -162,7 +162,7 @@ def test_with_prefix_prepends_prefix_ids(smollm):
 
 def test_score_targets_on_model(smollm):
     """Real model: batched (both paddings) == one at a time; matches the next-token prob."""
-    from jaxedit.generate import next_token_logprobs
+    from jaxedit.models.generate import next_token_logprobs
 
     prompts = ["The Eiffel Tower is located in the city of", "The capital of Germany is "]
     targets = ["Paris", "Berlin and Bonn"]

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from conftest import requires_torch
 
-from jaxedit.checkpoint import load
-from jaxedit.generate import top_k
-from jaxedit.model import final_norm, forward_jit
+from jaxedit.io.checkpoint import load
+from jaxedit.models.generate import top_k
+from jaxedit.models.transformer import final_norm, forward_jit
 
 GOLDENS = Path(__file__).parent / "goldens"
 FAMILIES = ("gpt2", "gptj", "gpt_neox", "llama", "qwen2", "mistral")

@@ -13,8 +13,15 @@ import numpy as np
 import pytest
 from test_model_parity import golden, golden_model
 
-from jaxedit.model import KVCache, forward, forward_jit
-from jaxedit.sites import BLOCK_SITES, SitePatch, add_to_weights, get_weight, make_patch, set_weight
+from jaxedit.models.sites import (
+    BLOCK_SITES,
+    SitePatch,
+    add_to_weights,
+    get_weight,
+    make_patch,
+    set_weight,
+)
+from jaxedit.models.transformer import KVCache, forward, forward_jit
 
 
 @functools.cache

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxedit import prefix_cache
 from jaxedit.errors import InputError
-from jaxedit.model import forward_jit
+from jaxedit.eval import prefix_cache
+from jaxedit.models.transformer import forward_jit
 
 PREFIX = (
     "New Fact: The Eiffel Tower is located in Rome\nPrompt: The Eiffel Tower is in Rome\n\n"
@@ -99,7 +99,7 @@ CONTEXTS = [
 
 @pytest.mark.parametrize("ctx,padding", [(0, "left"), (1, "right"), (2, "left"), (2, "right")])
 def test_metrics_prefix_uses_cache_and_matches_full_rows(smollm, ctx, padding):
-    from jaxedit import metrics
+    from jaxedit.eval import scoring as metrics
 
     prefix = CONTEXTS[ctx]
     prompts = [p.strip() for p, _ in QUERIES]
@@ -119,7 +119,7 @@ def test_metrics_prefix_uses_cache_and_matches_full_rows(smollm, ctx, padding):
 
 def test_prefix_trailing_space_joins_like_the_text(smollm):
     """ "…Prompt: " + "The X" is tokenized as the joined text: no lone " " token."""
-    from jaxedit import metrics
+    from jaxedit.eval import scoring as metrics
 
     tok = smollm.tokenizer
     prefix, prompt = "New Fact: The Eiffel Tower is in Rome\nPrompt: ", "The Eiffel Tower is in"

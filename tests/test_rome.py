@@ -14,14 +14,15 @@ import pytest
 from conftest import tiny_llama_config
 
 from jaxedit import hparams as hparams_mod
-from jaxedit import rome, stats
-from jaxedit.checkpoint import LanguageModel
 from jaxedit.errors import ConfigError, InputError
-from jaxedit.generate import next_token_logprobs, top_k
-from jaxedit.model import init_params
+from jaxedit.io.tokenizer import fine_bucket
+from jaxedit.methods import rome
+from jaxedit.models.generate import next_token_logprobs, top_k
+from jaxedit.models.lm import LanguageModel
+from jaxedit.models.sites import get_weight
+from jaxedit.models.transformer import init_params
 from jaxedit.requests import EditRequest, from_prompt
-from jaxedit.sites import get_weight
-from jaxedit.tokenizer import fine_bucket
+from jaxedit.stats import second_moment as stats
 
 EIFFEL = EditRequest(
     prompt="{} is located in the city of",
@@ -241,8 +242,8 @@ def test_tiny_edit_is_pure_reproducible_and_invertible(tiny):
 def test_suffix_steps_equal_the_full_forward(which, layer, request):
     """Each v* step runs blocks l..L-1 on the positions from the last subject token on, over
     the unedited prefix cache: the same target logits as the full patched forward."""
-    from jaxedit.model import forward_jit, run_layers
-    from jaxedit.sites import SitePatch
+    from jaxedit.models.sites import SitePatch
+    from jaxedit.models.transformer import forward_jit, run_layers
 
     lm = request.getfixturevalue(which)
     cfg = lm.config

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from conftest import tiny_llama_config
 
-from jaxedit import stats
-from jaxedit.checkpoint import LanguageModel
 from jaxedit.errors import CheckpointError, InputError
-from jaxedit.model import forward_jit, init_params
+from jaxedit.models.lm import LanguageModel
+from jaxedit.models.transformer import forward_jit, init_params
+from jaxedit.stats import second_moment as stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,7 +74,7 @@ def test_eight_simulated_devices_equal_one():
         import jax
         sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
         from test_stats import tiny_lm, random_docs
-        from jaxedit import stats
+        from jaxedit.stats import second_moment as stats
         import numpy as np
         assert jax.local_device_count() == 8, jax.local_device_count()
         lm = tiny_lm()

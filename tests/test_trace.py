@@ -10,9 +10,9 @@ import os
 import numpy as np
 import pytest
 
-from jaxedit import trace as tr
 from jaxedit.errors import InputError
-from jaxedit.tokenizer import fine_bucket
+from jaxedit.io.tokenizer import fine_bucket
+from jaxedit.locate import trace as tr
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"  # tokens 1..3 (" E", "iffel", " Tower"): token 0 precedes the subject
@@ -263,7 +263,7 @@ def test_trace_dataset_skips_wrong_predictions(smollm):
 
 
 def test_plots(small, tmp_path):
-    from jaxedit import plots
+    from jaxedit.locate import plots
 
     paths = plots.save_heatmaps(small, str(tmp_path), "png")
     assert [os.path.basename(p) for p in paths] == [f"trace_{k}.png" for k in tr.KINDS]
@@ -279,10 +279,10 @@ def test_plots(small, tmp_path):
 
 @pytest.fixture
 def cli_model(smollm, monkeypatch):
-    from jaxedit.commands import _common
+    from jaxedit.cli import shared as _common
 
     monkeypatch.setattr(_common, "load_model", lambda args: smollm)
-    monkeypatch.setattr("jaxedit.commands.trace.load_model", lambda args: smollm)
+    monkeypatch.setattr("jaxedit.cli.commands.trace.load_model", lambda args: smollm)
 
 
 @pytest.mark.parametrize(
@@ -296,7 +296,7 @@ def cli_model(smollm, monkeypatch):
     ],
 )
 def test_cli_errors(cli_model, capsys, tmp_path, argv, message):
-    from jaxedit.cli import main
+    from jaxedit.cli.main import main
 
     assert main(["trace", "--out", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
@@ -305,7 +305,7 @@ def test_cli_errors(cli_model, capsys, tmp_path, argv, message):
 
 @pytest.mark.slow
 def test_cli_single_fact(cli_model, capsys, tmp_path):
-    from jaxedit.cli import main
+    from jaxedit.cli.main import main
 
     argv = ["trace", "--prompt", PROMPT, "--subject", "The Eiffel Tower", "--samples", "3"]
     assert main([*argv, "--out", str(tmp_path), "--json"]) == 0
@@ -323,7 +323,7 @@ def test_cli_single_fact(cli_model, capsys, tmp_path):
 
 @pytest.mark.slow
 def test_cli_dataset(cli_model, capsys, tmp_path):
-    from jaxedit.cli import main
+    from jaxedit.cli.main import main
 
     data = tmp_path / "facts.json"
     facts = [

@@ -1,15 +1,28 @@
-"""Hyperparameter presets shipped as data files: `jaxedit/hparams/<method>/<name>.json`.
+"""One hyperparameter loader for every method: presets are package data, `<method>/<preset>.json`.
 
-A preset holds logical settings only (layer, steps, learning rate, ...; never module paths or
-devices). `load(method, name_or_path, cls)` reads a preset by name or any JSON file and builds
-the method's frozen dataclass; unknown keys are refused, so a typo never passes silently.
-Keys starting with "_" and the key "description" are documentation and are skipped.
+`load(method, cls, source, **overrides)` builds the method's frozen dataclass from
+
+- a JSON file path (any name ending in `.json` that exists),
+- a preset name of that method (`jaxedit/hparams/<method>/<name>.json`), or
+- a model: a `LanguageModel`, or the name it was loaded by (embedded name, hub id, HF
+  directory, GGUF file). **The rule**: the model's identifier is lower-cased, a trailing `/`
+  and a `.gguf` suffix dropped, and looked up — the whole identifier first, then its last path
+  component — in `models.json`, which lists for each preset the hub ids and file names of the
+  checkpoints it was written for (exact matches only: no prefix guessing). An HF directory
+  whose own name is unknown is looked up by its `config.json`'s `_name_or_path`.
+  A model that matches no preset, or whose preset this method does not ship, is an error
+  naming the presets; values are never borrowed from another model.
+
+Unknown keys are refused, in files and in overrides alike. Keys starting with "_", and
+"description", "note" and "model", are documentation. JSON lists become tuples.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +30,7 @@ from jaxedit.errors import ConfigError, InputError
 
 ROOT = Path(__file__).parent
 T = TypeVar("T")
+DOC_KEYS = ("description", "note", "model")
 
 
 def presets(method: str) -> list[str]:
@@ -29,45 +43,135 @@ def preset_path(method: str, name: str) -> Path | None:
     return p if p.is_file() else None
 
 
-def read(method: str, name_or_path: str) -> tuple[dict[str, Any], str]:
-    """(raw dict, source) of a preset name or a JSON file path."""
-    path = preset_path(method, name_or_path)
-    if path is None:
-        path = Path(name_or_path).expanduser()
-        if not path.is_file():
+def model_presets() -> dict[str, list[str]]:
+    """preset name -> the model identifiers it is written for (`models.json`)."""
+    return {
+        k: v
+        for k, v in json.loads((ROOT / "models.json").read_text()).items()
+        if not k.startswith("_")
+    }
+
+
+def normalise_model_id(name: str) -> str:
+    key = str(name).strip().lower().rstrip("/")
+    return key[: -len(".gguf")] if key.endswith(".gguf") else key
+
+
+def preset_for_model(model: Any) -> str:
+    """The preset name a model maps to by the rule above; InputError when none."""
+    name = str(getattr(model, "name", model))
+    candidates = [normalise_model_id(name), normalise_model_id(Path(name).name)]
+    hf_config = Path(name) / "config.json"
+    if hf_config.is_file():
+        try:
+            declared = json.loads(hf_config.read_text()).get("_name_or_path")
+        except (OSError, json.JSONDecodeError):
+            declared = None
+        if declared:
+            candidates += [normalise_model_id(declared), normalise_model_id(Path(declared).name)]
+    for preset, ids in model_presets().items():
+        known = {normalise_model_id(i) for i in ids} | {preset}
+        if any(c in known for c in candidates):
+            return preset
+    raise InputError(
+        f"no hyperparameter preset for model {name!r}: known models are listed in "
+        f"{ROOT / 'models.json'}; pass a JSON file or a preset name"
+    )
+
+
+def read(method: str, source: Any) -> tuple[dict[str, Any], str]:
+    """(raw dict, where it came from) for a JSON path, a preset name or a model."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if text.endswith(".json") and path.is_file():
+        return _read_json(path), str(path)
+    p = preset_path(method, text)
+    if p is None:
+        if text.endswith(".json"):
+            raise InputError(f"{method} hparams file {text!r} does not exist")
+        preset = preset_for_model(source)
+        p = preset_path(method, preset)
+        if p is None:
             raise InputError(
-                f"no {method} hparams {name_or_path!r}: not a preset ({presets(method)}) "
-                "or an existing JSON file"
+                f"model {text!r} maps to preset {preset!r}, but {method} has no such preset "
+                f"(its presets: {presets(method)}); pass a JSON file"
             )
+    return _read_json(p), str(p)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON ({e})") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: hparams must be a JSON object")
-    return raw, str(path)
+    return raw
 
 
 def build(cls: type[T], raw: dict[str, Any], source: str = "<dict>") -> T:
     """`cls(**raw)` with unknown keys refused and JSON lists turned into tuples."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    docs = {k for k in raw if k.startswith("_") or k == "description"}
-    unknown = sorted(set(raw) - set(fields) - docs)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    docs = {k for k in raw if k.startswith("_") or (k in DOC_KEYS and k not in fields)}
+    unknown = sorted(set(raw) - fields - docs)
     if unknown:
         raise ConfigError(f"{source}: unknown hparams keys {unknown}; known: {sorted(fields)}")
-    kw = {k: _tuples(v) for k, v in raw.items() if k in fields}
-    if "description" in fields and "description" in raw:
-        kw["description"] = raw["description"]
+    kw = {k: tuples(v) for k, v in raw.items() if k in fields}
     try:
         return cls(**kw)
     except TypeError as e:  # a required field missing
         raise ConfigError(f"{source}: {e}") from e
 
 
-def load(method: str, name_or_path: str, cls: type[T]) -> T:
-    raw, source = read(method, name_or_path)
-    return build(cls, raw, source)
+def load(method: str, cls: type[T], source: Any, **overrides: Any) -> T:
+    """Hparams of `method` from a JSON path, a preset name or a model, then `overrides`."""
+    raw, where = read(method, source)
+    return build(cls, {**raw, **overrides}, f"{where} (+ overrides)" if overrides else where)
 
 
-def _tuples(v):
-    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+def override(hp: T, **overrides: Any) -> T:
+    """`dataclasses.replace` that refuses unknown keys with the list of known ones."""
+    fields = {f.name for f in dataclasses.fields(hp)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"unknown {type(hp).__name__} keys {unknown}; known: {sorted(fields)}")
+    return dataclasses.replace(hp, **{k: tuples(v) for k, v in overrides.items()})
+
+
+def parse_assignments(cls: type, assignments: list[str]) -> dict[str, Any]:
+    """`["k=8", "demos=pool.json"]` -> {"k": 8, "demos": "pool.json"} typed by `cls`'s fields.
+
+    A value is read as JSON (numbers, true/false, null, lists) unless the field is a string,
+    then it is taken as written. Unknown keys are refused.
+    """
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise InputError(f"--set takes key=value, got {item!r}")
+        if key not in hints:
+            raise InputError(f"--set {key}: {cls.__name__} has no such key; known: {sorted(hints)}")
+        out[key] = value if _is_str(hints[key]) else _json_or_str(value)
+    return out
+
+
+def _is_str(hint) -> bool:
+    if hint is str:
+        return True
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args == [str]
+    return False
+
+
+def _json_or_str(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def tuples(v):
+    return tuple(tuples(x) for x in v) if isinstance(v, list) else v

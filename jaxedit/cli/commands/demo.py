@@ -1,0 +1,177 @@
+"""jaxedit demo: the whole story on the embedded model, offline, in a few minutes on a CPU.
+
+1. what the model believes (top predictions for a handful of facts);
+2. where it stores one of them: a causal trace (the MLP indirect effect per layer × token,
+   drawn as a text heat map; PNG heat maps with `--out`);
+3. a ROME edit of that fact, with a before/after table on the edited prompt, a paraphrase, the
+   reverse-direction question and unrelated prompts;
+4. before/after metrics after editing a few built-in facts (`jaxedit.locate.facts`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from jaxedit.cli.shared import load_model
+from jaxedit.models.generate import next_token_logprobs, top_k
+
+NAME = "demo"
+HELP = "tour of jaxedit on the embedded model: predict, trace, edit with ROME, evaluate"
+
+FACTS = (
+    "The Eiffel Tower is located in the city of",
+    "The capital of Germany is",
+    "The Colosseum is located in the city of",
+    "The Great Wall is located in the country of",
+    "The currency of Japan is the",
+)
+EDIT = ("{} is located in the city of", "The Eiffel Tower", "Rome")
+CHECKS = (
+    ("edited prompt", "The Eiffel Tower is located in the city of"),
+    ("paraphrase", "The Eiffel Tower stands in the city of"),
+    ("reverse question", "The most famous tower in Rome is the"),
+    ("unrelated", "The capital of Germany is"),
+    ("unrelated", "The Colosseum is located in the city of"),
+)
+_SHADES = " .:-=+*#%@"
+
+
+def add_arguments(p):
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="predictions only (skip trace and edits)")
+    p.add_argument("--samples", type=int, default=10, help="corrupted runs in the causal trace")
+    p.add_argument(
+        "--templates",
+        type=int,
+        default=5,
+        help="generated ROME context templates (the preset uses 20)",
+    )
+    p.add_argument("--n-facts", type=int, default=2, help="built-in facts edited for the table")
+    p.add_argument("--out", default=None, help="also write the trace heat maps (PNG) here")
+
+
+def _tops(lm, prompts: list[str]) -> list[tuple[str, float]]:
+    logp = np.asarray(next_token_logprobs(lm, prompts))
+    best = logp.argmax(-1)
+    return [(lm.tokenizer.decode([i]), float(np.exp(logp[r, i]))) for r, i in enumerate(best)]
+
+
+def run(args) -> dict:
+    from jaxedit.eval.runner import quick_table
+    from jaxedit.locate import facts
+    from jaxedit.locate.trace import trace
+    from jaxedit.methods import rome
+    from jaxedit.requests import EditRequest
+
+    t0 = time.time()
+    lm = load_model(args)
+    result: dict = {"model": lm.name, "predictions": []}
+    for prompt in FACTS:
+        result["predictions"].append({"prompt": prompt, "top": top_k(lm, prompt, args.top_k)})
+    if args.quick:
+        result["seconds"] = round(time.time() - t0, 1)
+        return result
+
+    prompt, subject, target = EDIT
+    tr = trace(lm, prompt.format(subject), subject, samples=args.samples)
+    result["trace"] = {
+        "tokens": tr["tokens"],
+        "subject_range": list(tr["subject_range"]),
+        "answer": tr["answer"],
+        "high_score": float(tr["high_score"]),
+        "low_score": float(tr["low_score"]),
+        "mlp": np.asarray(tr["kinds"]["mlp"]["scores"]).tolist(),
+        "seconds": round(float(tr["seconds"]), 1),
+    }
+    if args.out:
+        from jaxedit.locate.plots import save_heatmaps
+
+        result["trace"]["files"] = save_heatmaps(tr, args.out)
+
+    # The preset's 20 generated context templates make an edit take a minute or more on a
+    # laptop CPU; the demo uses 5 (the bare prompt + 5 short prefixes), said in its output.
+    hp = rome.hparams_for(lm).replace(context_template_length_params=((5, args.templates),))
+    request = EditRequest(prompt=prompt, subject=subject, target_new=target)
+    t1 = time.time()
+    edited, record = rome.edit(lm, request, hp)
+    check_prompts = [p for _, p in CHECKS]
+    before, after = _tops(lm, check_prompts), _tops(edited, check_prompts)
+    result["edit"] = {
+        "request": {"prompt": prompt, "subject": subject, "target_new": target},
+        "layer": record.layer,
+        "context_templates": args.templates,
+        "delta_norm": record.norm,
+        "seconds": round(time.time() - t1, 1),
+        "checks": [
+            {"kind": kind, "prompt": p, "before": b, "after": a}
+            for (kind, p), b, a in zip(CHECKS, before, after, strict=True)
+        ],
+    }
+
+    known = facts.known(lm)[: args.n_facts]
+    t2 = time.time()
+    edited_all, _, _ = rome.edit_many(lm, known, hp)
+    result["metrics"] = {
+        "facts": [f.rewrite_prompt + " -> " + f.target_new for f in known],
+        "table": quick_table(lm, edited_all, known),
+        "seconds": round(time.time() - t2, 1),
+    }
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def _heat(scores: np.ndarray, lo: float, hi: float) -> list[str]:
+    scaled = np.clip((scores - lo) / max(hi - lo, 1e-9), 0, 1)
+    return ["".join(_SHADES[int(v * (len(_SHADES) - 1))] for v in row) for row in scaled]
+
+
+def render(r: dict) -> str:
+    lines = [f"== 1. What {r['model']} believes =="]
+    for row in r["predictions"]:
+        best = ", ".join(f"{t['token']!r} {t['prob']:.2f}" for t in row["top"])
+        lines.append(f"  {row['prompt']!r:52} -> {best}")
+    if "trace" in r:
+        t = r["trace"]
+        b, e = t["subject_range"]
+        lines += [
+            "",
+            f"== 2. Where is it stored? Causal trace of {t['answer']!r} ({t['seconds']} s) ==",
+            f"  p(answer): clean {t['high_score']:.3f}, subject corrupted {t['low_score']:.3f}."
+            " Restoring the MLP output (10-layer window) at each token x layer:",
+            f"  {'':>14}  layer 0 {'-' * 20} {len(t['mlp'][0]) - 1}",
+        ]
+        heat = _heat(np.asarray(t["mlp"]), t["low_score"], t["high_score"])
+        for i, (tok, row) in enumerate(zip(t["tokens"], heat, strict=True)):
+            mark = "*" if b <= i < e else " "
+            lines.append(f"  {tok!r:>14}{mark} |{row}|")
+        lines.append("  (* = subject tokens; darker = more of the answer restored)")
+        for f in t.get("files", []):
+            lines.append(f"  wrote {f}")
+    if "edit" in r:
+        ed = r["edit"]
+        req = ed["request"]
+        lines += [
+            "",
+            f"== 3. ROME: {req['subject']} -> {req['target_new']!r} at layer {ed['layer']}"
+            f" (|ΔW| = {ed['delta_norm']:.2f}, {ed['context_templates']} context templates,"
+            f" {ed['seconds']} s) ==",
+            f"  {'':18}{'prompt':46}{'before':>18}{'after':>18}",
+        ]
+        for c in ed["checks"]:
+            fmt = lambda x: f"{x[0]!r} {x[1]:.2f}"
+            lines.append(
+                f"  {c['kind']:18}{c['prompt']:46}{fmt(c['before']):>18}{fmt(c['after']):>18}"
+            )
+    if "metrics" in r:
+        m = r["metrics"]
+        lines += [
+            "",
+            f"== 4. Metrics after ROME-editing {len(m['facts'])} built-in facts "
+            f"({m['seconds']} s) ==",
+        ]
+        lines += [f"  {f}" for f in m["facts"]]
+        lines += ["  " + ln for ln in m["table"].splitlines()]
+    lines.append(f"\n(done in {r['seconds']} s)")
+    return "\n".join(lines)

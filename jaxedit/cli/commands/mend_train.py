@@ -1,0 +1,58 @@
+"""jaxedit mend-train: meta-train a MEND editor on CounterFact or zsRE edits."""
+
+from __future__ import annotations
+
+from jaxedit.cli.shared import load_model
+
+NAME = "mend-train"
+HELP = "meta-train a MEND editor (writes DIR/ with checkpoints, config.json, train_log.jsonl)"
+
+
+def add_arguments(p):
+    p.add_argument("--data", required=True, help="training JSON (CounterFact EasyEdit or zsRE)")
+    p.add_argument("--format", default="auto", choices=("auto", "counterfact", "zsre"))
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--hparams", help="preset name or JSON path (default: the model's preset)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, help="edits per step (default: from hparams)")
+    p.add_argument("--val-every", type=int, default=50, help="validate + checkpoint every K")
+    p.add_argument("--val-size", type=int, default=16, help="held-out cases (end of --data)")
+    p.add_argument("--patience", type=int, default=3, help="validations without improvement")
+    p.add_argument("--limit", type=int, help="use only the first N records")
+    p.add_argument("--resume", action="store_true", help="continue from DIR's last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> dict:
+    from jaxedit.methods.mend.editor import hparams_for, load_hparams
+    from jaxedit.methods.mend.train import load_cases, train
+
+    cases = load_cases(args.data, args.format, args.limit)  # bad data fails before loading
+    lm = load_model(args)
+    hp = load_hparams(args.hparams) if args.hparams else hparams_for(lm.config, lm.name)
+    if args.batch:
+        hp = hp.replace(batch=args.batch)
+    return train(
+        lm,
+        cases,
+        args.out,
+        hp,
+        steps=args.steps,
+        val_every=args.val_every,
+        val_size=args.val_size,
+        patience=args.patience,
+        resume=args.resume,
+        progress=not args.no_progress,
+        data_name=str(args.data),
+    )
+
+
+def render(r: dict) -> str:
+    last = r.get("last_train", {})
+    return (
+        f"trained {r['steps']} steps ({r['steps_this_run']} this run) in {r['seconds']} s "
+        f"({r['steps_per_s']} steps/s){' — early stopped' if r['early_stopped'] else ''}\n"
+        f"best validation loss {r['best_val_loss']:.4f}; last train: "
+        + ", ".join(f"{k}={v:.3f}" for k, v in last.items())
+        + f"\neditor: {r['out']}"
+    )

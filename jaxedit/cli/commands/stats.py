@@ -1,0 +1,83 @@
+"""jaxedit stats: second-moment statistics C = E[k kᵀ] of one layer's MLP keys (cached)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from jaxedit.cli.shared import load_model
+from jaxedit.stats import second_moment as stats
+
+NAME = "stats"
+HELP = "compute (or load from the cache) the key second moment C = E[k kᵀ] of a layer"
+
+
+def add_arguments(p):
+    p.add_argument("--layer", type=int, required=True, help="layer whose mlp_key is measured")
+    p.add_argument(
+        "--corpus",
+        default="self",
+        help="self (text sampled from the model, offline), wikitext, wikipedia (HF datasets, "
+        "online), or a text / JSONL file or folder (default: self)",
+    )
+    p.add_argument("--tokens", type=int, default=16384, help="number of tokens (default 16384)")
+    p.add_argument("--samples", type=int, default=None, help="at most this many documents")
+    p.add_argument("--max-len", type=int, default=256, help="tokens per document (truncation)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per batch")
+    p.add_argument("--cache", default=None, help="cache directory (default ~/.cache/jaxedit)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    p.add_argument(
+        "--strict-cache",
+        action="store_true",
+        help="refuse (instead of rebuild) a corrupt or mismatched cache file",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the `self` corpus sampling")
+
+
+def run(args) -> dict:
+    lm = load_model(args)
+    t0 = time.perf_counter()
+    st = stats.layer_stats(
+        lm,
+        args.layer,
+        args.corpus,
+        n_tokens=args.tokens,
+        n_samples=args.samples,
+        max_len=args.max_len,
+        dtype=args.dtype,
+        cache_dir=args.cache,
+        use_cache=not args.no_cache,
+        on_bad_cache="error" if args.strict_cache else "rebuild",
+        batch_tokens=args.batch_tokens,
+        seed=args.seed,
+        progress=not args.json,
+    )
+    eig = np.linalg.eigvalsh(np.asarray(st.mom2, np.float64))
+    return {
+        "model": lm.name,
+        "layer": args.layer,
+        "corpus": args.corpus,
+        "tokens": st.count,
+        "documents": st.meta.get("documents"),
+        "dtype": args.dtype,
+        "from_cache": st.meta.get("from_cache"),
+        "cache": st.meta.get("cache"),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "tokens_per_s": st.meta.get("tokens_per_s"),
+        "trace": float(np.trace(st.mom2)),
+        "eig_min": float(eig[0]),
+        "eig_max": float(eig[-1]),
+        "condition": float(eig[-1] / eig[0]) if eig[0] > 0 else None,
+    }
+
+
+def render(r: dict) -> str:
+    src = "cache" if r["from_cache"] else f"{r['tokens_per_s']} tok/s"
+    cond = "singular" if r["condition"] is None else f"{r['condition']:.3g}"
+    return (
+        f"C = E[k kᵀ] of {r['model']} layer {r['layer']}: {r['tokens']} tokens of {r['corpus']} "
+        f"({src}, {r['seconds']} s)\n  trace {r['trace']:.4g}, eigenvalues "
+        f"[{r['eig_min']:.3g}, {r['eig_max']:.3g}], condition {cond}\n  cache: {r['cache']}"
+    )

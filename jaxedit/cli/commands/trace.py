@@ -1,0 +1,126 @@
+"""jaxedit trace: causal tracing of one fact (heatmaps) or of a data set (average effects)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from jaxedit.cli.shared import load_model
+from jaxedit.errors import InputError
+from jaxedit.locate import trace as tr
+
+NAME = "trace"
+HELP = "causal tracing: where a fact is recalled (one prompt, or averages over a data set)"
+
+
+def add_arguments(p):
+    p.add_argument("--prompt", help="the prompt, e.g. 'The Eiffel Tower is located in the city of'")
+    p.add_argument("--subject", help="the subject, a substring of the prompt")
+    p.add_argument("--data", help="JSON facts (ROME known facts / CounterFact records)")
+    p.add_argument("--n", type=int, default=50, help="data-set mode: facts to trace (default 50)")
+    p.add_argument("--kinds", default="hidden,mlp,attn", help="comma list of hidden, mlp, attn")
+    p.add_argument("--samples", type=int, default=10, help="corrupted runs (default 10)")
+    p.add_argument("--noise", default="3s", help="'3s' (3 sigma of subject embeddings) or FLOAT")
+    p.add_argument("--window", type=int, default=10, help="restored layers for mlp/attn")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="trace_out", help="output directory (default trace_out)")
+    p.add_argument("--format", default="png", choices=("png", "pdf"), help="figure format")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> dict:
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    if args.data is None and (args.prompt is None or args.subject is None):
+        raise InputError("give --prompt and --subject (one fact) or --data FILE (a data set)")
+    lm = load_model(args)
+    from jaxedit.locate import plots
+
+    os.makedirs(args.out, exist_ok=True)
+    if args.data is not None:
+        if args.n <= 0:
+            raise InputError(f"--n must be >= 1, got {args.n}")
+        # Read more records than --n: facts the model gets wrong are skipped, not traced.
+        facts = tr.load_facts(args.data)
+        summary, _ = tr.trace_dataset(
+            lm,
+            facts,
+            kinds=kinds,
+            samples=args.samples,
+            noise=_noise(args.noise),
+            window=args.window,
+            seed=args.seed,
+            limit=args.n,
+            progress=not args.no_progress,
+        )
+        if summary["n_facts"] == 0:
+            raise InputError("the model predicted none of the facts correctly: nothing to average")
+        if "mlp" in summary["kinds"] and "last subject token" in summary["kinds"]["mlp"]:
+            summary["mlp_peak_layer_last_subject_token"] = tr.peak_layer(summary)
+        _write(os.path.join(args.out, "summary.json"), summary)
+        fig = plots.save_average_effects(
+            summary, os.path.join(args.out, f"average_effects.{args.format}")
+        )
+        return {**summary, "figure": fig, "out": args.out}
+    result = tr.trace(
+        lm,
+        args.prompt,
+        args.subject,
+        kinds=kinds,
+        samples=args.samples,
+        noise=_noise(args.noise),
+        window=args.window,
+        seed=args.seed,
+    )
+    plots.save_heatmaps(result, args.out, args.format)
+    out = tr.to_json(result)
+    _write(os.path.join(args.out, "trace.json"), out)
+    return out
+
+
+def _noise(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _write(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def render(r: dict) -> str:
+    if "tokens" not in r:  # data-set mode
+        lines = [
+            f"{r['n_facts']} facts traced, {r['n_skipped']} skipped (wrong clean prediction), "
+            f"{r['n_invalid']} invalid; {r['seconds']:.1f} s",
+            f"avg high score {r['avg_high_score']:.3f}, avg low score {r['avg_low_score']:.3f}",
+        ]
+        for kind, classes in r["kinds"].items():
+            for cls, v in classes.items():
+                peak = max(range(len(v["mean"])), key=v["mean"].__getitem__)
+                lines.append(
+                    f"  {kind:6s} {cls:24s} peak layer {peak:2d}  AIE {v['mean'][peak]:.3f}"
+                )
+        lines.append(f"wrote {r['out']}/summary.json and {r['figure']}")
+        return "\n".join(lines)
+    b, e = r["subject_range"]
+    lines = [
+        f"{r['prompt']!r} -> {r['answer']!r}: high score {r['high_score']:.4f}, "
+        f"low score {r['low_score']:.4f} (noise {r['noise']:.3f}, {r['samples']} samples)",
+        f"subject tokens {b}..{e - 1}: {r['tokens'][b:e]}",
+    ]
+    for kind, v in r["kinds"].items():
+        scores = v["scores"]
+        best = max(
+            ((s, i, j) for i, row in enumerate(scores) for j, s in enumerate(row) if s is not None),
+            default=(float("nan"), -1, -1),
+        )
+        lines.append(
+            f"  {kind:6s} max p={best[0]:.4f} at token {best[1]} {r['tokens'][best[1]]!r}, "
+            f"layer {best[2]}"
+        )
+    lines.append(f"{r['seconds']:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,356 @@
+"""An edit is data: a **weight edit** or a **context edit**, applied by one function.
+
+    lm2 = apply(lm, edit)            # lm untouched
+    lm0 = apply(lm2, edit.invert())  # weight edits: the original params again
+    save_edit(edit, "e.safetensors"); edit = load_edit("e.safetensors")
+
+A `WeightEdit` is a sequence of `WeightDelta`s, each an additive change of the weight that
+produces a site (`jaxedit.models.sites`: `mlp_out` is the [F, D] matrix with
+mlp_out = mlp_key @ W) at one layer, as low-rank factors ΔW = left @ rightᵀ (ROME: rank one,
+u vᵀ; MEND: rank = number of edit tokens, η Σ_t ũ_t δ̃_tᵀ) or as a dense matrix. Deltas add,
+so edits compose by concatenation (`compose`: a sequence of edits is one edit) and invert by
+negation. `apply` sums the deltas of each (site, layer) in fp32 and writes every stacked
+weight array once, storing the result in the param dtype.
+
+A `ContextEdit` (IKE) changes no weight: it holds new facts and demonstrations, and `apply`
+gives a model whose scoring and generation see the rendered context through a prefix KV cache
+(`LanguageModel.context`). Context edits compose too: all facts so far, with the
+demonstrations re-fitted to the model's context length when the context is rendered.
+
+Files are safetensors (tensors + a JSON header in the metadata); nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Float
+
+from jaxedit.errors import CheckpointError, InputError
+from jaxedit.models.lm import LanguageModel
+from jaxedit.models.sites import add_to_weights, weight_path
+
+FORMAT = "jaxedit-edit"
+FORMAT_VERSION = 1
+
+# ----------------------------------------------------------------------------- weight edits
+
+
+@dataclass(frozen=True)
+class WeightDelta:
+    """ΔW added to the [I, O] weight of `site` at `layer`: left @ rightᵀ, or `dense`."""
+
+    site: str
+    layer: int
+    left: Float[np.ndarray, "I R"] | None = None
+    right: Float[np.ndarray, "O R"] | None = None
+    dense: Float[np.ndarray, "I O"] | None = None
+
+    def __post_init__(self):
+        low_rank = self.left is not None and self.right is not None
+        if low_rank == (self.dense is not None) or (self.left is None) != (self.right is None):
+            raise InputError(f"{self.site}.{self.layer}: give left and right factors, or dense")
+        if low_rank and (
+            self.left.ndim != 2 or self.right.ndim != 2 or self.left.shape[1] != self.right.shape[1]
+        ):
+            raise InputError(
+                f"{self.site}.{self.layer}: factors must be [I R] and [O R], got "
+                f"{self.left.shape} and {self.right.shape}"
+            )
+        weight_path(self.site)  # an unknown site fails here, not at apply time
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if self.dense is not None:
+            return tuple(self.dense.shape)
+        return (self.left.shape[0], self.right.shape[0])
+
+    def matrix(self) -> Float[np.ndarray, "I O"]:
+        """ΔW in fp32."""
+        if self.dense is not None:
+            return np.asarray(self.dense, np.float32)
+        return np.asarray(self.left, np.float32) @ np.asarray(self.right, np.float32).T
+
+    def norm(self) -> float:
+        """‖ΔW‖_F."""
+        return float(np.linalg.norm(self.matrix()))
+
+    def scaled(self, scale: float) -> WeightDelta:
+        if self.dense is not None:
+            return WeightDelta(self.site, self.layer, dense=np.asarray(self.dense) * scale)
+        return WeightDelta(self.site, self.layer, np.asarray(self.left) * scale, self.right)
+
+
+@dataclass(frozen=True)
+class WeightEdit:
+    """Additive changes of addressed weights; `meta` is JSON-able (method, hparams, ...)."""
+
+    deltas: tuple[WeightDelta, ...]
+    meta: dict = field(default_factory=dict, compare=False)
+
+    kind = "weight"
+
+    def invert(self) -> WeightEdit:
+        """The edit that undoes this one (apply(apply(lm, e), e.invert()) has lm's params)."""
+        return WeightEdit(tuple(d.scaled(-1.0) for d in reversed(self.deltas)), dict(self.meta))
+
+    def compose(self, later: WeightEdit) -> WeightEdit:
+        """One edit equal to applying `self`, then `later`."""
+        if not isinstance(later, WeightEdit):
+            raise InputError("a weight edit composes only with another weight edit")
+        return WeightEdit(self.deltas + later.deltas, {**self.meta, "composed": True})
+
+    def sites(self) -> list[tuple[str, int]]:
+        """The distinct (site, layer) pairs this edit changes."""
+        return sorted({(d.site, d.layer) for d in self.deltas})
+
+    def norm(self) -> float:
+        """‖ΔW‖_F summed over the changed weights (each (site, layer) summed first)."""
+        return float(sum(np.linalg.norm(m) for m in _dense_by_weight(self.deltas).values()))
+
+
+def _dense_by_weight(deltas: Iterable[WeightDelta]) -> dict[tuple[str, int], np.ndarray]:
+    out: dict[tuple[str, int], np.ndarray] = {}
+    for d in deltas:
+        key = (d.site, d.layer)
+        out[key] = out[key] + d.matrix() if key in out else d.matrix()
+    return out
+
+
+def apply_weight_edit(params: dict, edit: WeightEdit) -> dict:
+    """New params with every delta added (fp32 arithmetic, stored in the param dtype)."""
+    by_site: dict[str, dict[int, np.ndarray]] = {}
+    for (site, layer), m in _dense_by_weight(edit.deltas).items():
+        by_site.setdefault(site, {})[layer] = m
+    for site, per_layer in by_site.items():
+        layers = tuple(sorted(per_layer))
+        stacked = _leaf(params, weight_path(site))
+        want = tuple(stacked.shape[1:])
+        for layer in layers:
+            if per_layer[layer].shape != want:
+                raise InputError(
+                    f"edit of {site}.{layer} has shape {per_layer[layer].shape}, the model's "
+                    f"weight is {want} (an edit made for another model?)"
+                )
+            if not 0 <= layer < stacked.shape[0]:
+                raise InputError(f"edit of {site}.{layer}: the model has {stacked.shape[0]} layers")
+        deltas = jnp.asarray(np.stack([per_layer[layer] for layer in layers]))
+        params = add_to_weights(params, site, layers, deltas)
+    return params
+
+
+def _leaf(params: dict, path: Sequence[str]):
+    node = params
+    for key in path:
+        node = node[key]
+    return node
+
+
+# ----------------------------------------------------------------------------- context edits
+
+FACT_LINE = "New Fact: {}\n"
+QUERY_LEAD = "Prompt: "
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    """One in-context demonstration (IKE: copy / update / retain) and where it came from."""
+
+    kind: str
+    text: str
+    similarity: float = 0.0
+    source: int = -1  # index into the demonstration pool
+
+
+@dataclass(frozen=True)
+class ContextEdit:
+    """New facts and demonstrations in front of every query (IKE, Zheng et al. 2023).
+
+    Rendered as  d_1 … d_k  "New Fact: {f_1}\\n" … "New Fact: {f_n}\\n"  "Prompt: ".
+    `demonstrations` are ordered least similar first; `reserve_tokens` is what the longest
+    query and answer of the edited facts need after the context. When the whole does not fit
+    the model, `render` drops demonstrations from the front (least similar, earliest edits
+    first), never a fact.
+    """
+
+    facts: tuple[str, ...]
+    demonstrations: tuple[Demonstration, ...] = ()
+    reserve_tokens: int = 0
+    meta: dict = field(default_factory=dict, compare=False)
+
+    kind = "context"
+
+    def compose(self, later: ContextEdit) -> ContextEdit:
+        """All facts so far; demonstrations of both (duplicates once), re-fitted at render."""
+        if not isinstance(later, ContextEdit):
+            raise InputError("a context edit composes only with another context edit")
+        seen = {d.text for d in later.demonstrations}
+        demos = tuple(d for d in self.demonstrations if d.text not in seen) + later.demonstrations
+        return ContextEdit(
+            self.facts + later.facts,
+            demos,
+            max(self.reserve_tokens, later.reserve_tokens),
+            {**self.meta, "composed": True},
+        )
+
+    def invert(self) -> ContextEdit:
+        raise InputError(
+            "a context edit changes no weight: use the model without it (lm.with_context(None))"
+        )
+
+    def head(self) -> str:
+        return "".join(FACT_LINE.format(f) for f in self.facts) + QUERY_LEAD
+
+    def fit(self, tokenizer, max_tokens: int) -> tuple[tuple[Demonstration, ...], int]:
+        """(kept demonstrations, number dropped) so that context + reserve ≤ max_tokens."""
+        head = len(tokenizer.encode(self.head()))
+        if head + self.reserve_tokens > max_tokens:
+            raise InputError(
+                f"the {len(self.facts)} new fact(s) and the longest query need "
+                f"{head + self.reserve_tokens} tokens, more than the {max_tokens} the model accepts"
+            )
+        demos = self.demonstrations
+        for dropped in range(len(demos) + 1):
+            text = "".join(d.text for d in demos[dropped:]) + self.head()
+            if len(tokenizer.encode(text)) + self.reserve_tokens <= max_tokens:
+                return demos[dropped:], dropped
+        raise AssertionError("unreachable: the head alone fits")
+
+    def render(self, tokenizer, max_tokens: int) -> str:
+        """The context text, fitted to `max_tokens`."""
+        demos, _ = self.fit(tokenizer, max_tokens)
+        return "".join(d.text for d in demos) + self.head()
+
+
+Edit = WeightEdit | ContextEdit
+
+
+# ----------------------------------------------------------------------------- apply / compose
+
+
+def apply(lm: LanguageModel, edit: Edit) -> LanguageModel:
+    """A new model with `edit` applied; `lm` is untouched.
+
+    A weight edit changes params; a context edit joins the model's context (composed after
+    any context it already has).
+    """
+    if isinstance(edit, WeightEdit):
+        if not edit.deltas:
+            return lm
+        return lm.with_params(apply_weight_edit(lm.params, edit))
+    if isinstance(edit, ContextEdit):
+        return lm.with_context(edit if lm.context is None else lm.context.compose(edit))
+    raise InputError(f"not an edit: {type(edit).__name__}")
+
+
+def compose(edits: Sequence[Edit]) -> Edit:
+    """One edit equal to applying `edits` in order (all of one kind)."""
+    if not edits:
+        raise InputError("no edits to compose")
+    out = edits[0]
+    for e in edits[1:]:
+        out = out.compose(e)
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_edit(edit: Edit, path: str | os.PathLike) -> Path:
+    """Write `edit` to one safetensors file (atomically): tensors plus a JSON header."""
+    from safetensors.numpy import save
+
+    path = Path(path)
+    tensors: dict[str, np.ndarray] = {}
+    if isinstance(edit, WeightEdit):
+        entries = []
+        for i, d in enumerate(edit.deltas):
+            parts = (
+                {"dense": d.dense} if d.dense is not None else {"left": d.left, "right": d.right}
+            )
+            for name, arr in parts.items():
+                tensors[f"{i}.{name}"] = np.ascontiguousarray(arr, np.float32)
+            entries.append({"site": d.site, "layer": d.layer, "parts": sorted(parts)})
+        body: dict[str, Any] = {"deltas": entries}
+    elif isinstance(edit, ContextEdit):
+        body = {
+            "facts": list(edit.facts),
+            "demonstrations": [vars(d) for d in edit.demonstrations],
+            "reserve_tokens": edit.reserve_tokens,
+        }
+    else:
+        raise InputError(f"not an edit: {type(edit).__name__}")
+    header = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "kind": edit.kind,
+        "meta": edit.meta,
+        **body,
+    }
+    data = save(tensors, metadata={"jaxedit": json.dumps(header, default=_jsonable)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_edit(path: str | os.PathLike) -> Edit:
+    """Read a file written by `save_edit`; anything else is refused with the reason."""
+    from safetensors.numpy import load
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read edit file ({e})") from e
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "np") as fh:
+            header = json.loads((fh.metadata() or {})["jaxedit"])
+        tensors = load(raw)
+    except Exception as e:  # safetensors raises several types for foreign / truncated files
+        raise CheckpointError(f"{path}: not a jaxedit edit file ({e})") from e
+    if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a jaxedit edit file of version {FORMAT_VERSION}")
+    try:
+        if header["kind"] == "weight":
+            deltas = tuple(
+                WeightDelta(
+                    e["site"], int(e["layer"]), **{p: tensors[f"{i}.{p}"] for p in e["parts"]}
+                )
+                for i, e in enumerate(header["deltas"])
+            )
+            return WeightEdit(deltas, header.get("meta", {}))
+        if header["kind"] == "context":
+            demos = tuple(Demonstration(**d) for d in header["demonstrations"])
+            return ContextEdit(
+                tuple(header["facts"]), demos, int(header["reserve_tokens"]), header.get("meta", {})
+            )
+    except (KeyError, TypeError, InputError) as e:
+        raise CheckpointError(f"{path}: corrupt edit file ({e})") from e
+    raise CheckpointError(f"{path}: unknown edit kind {header.get('kind')!r}")
+
+
+def _jsonable(o):
+    if isinstance(o, np.ndarray | np.generic):
+        return o.tolist()
+    if isinstance(o, tuple | set):
+        return list(o)
+    raise TypeError(f"not JSON-able: {type(o).__name__}")

@@ -1,0 +1,564 @@
+"""Meta-training of a MEND editor: one jitted step, orbax checkpoints that resume exactly.
+
+One step, for a batch of B independent edits (vmapped):
+
+    1. u, δ of the edit loss on  prompt + target_new  (one grad per edit; constants below),
+    2. fold every token's u, δ into the running mean / std (MEND's normaliser, training mode),
+    3. W̃ = W + η ∇̃W  per edit, then on the edited model
+       L = c_edit · NLL(target_new | rephrase) + c_loc · KL(p_W ‖ p_W̃)  on the locality input,
+    4. Adam on (editor, η) — clipped by global norm, accumulated over `accumulate` steps
+       (optax.MultiSteps), η stepped with lr_lr (+ lr when `eta_outer`: the reference steps η
+       with both of its optimisers, whose Adam directions coincide).
+
+The data order is a pure function of (seed, step), and the checkpoint holds editor, normaliser,
+optimiser state, step and early-stopping state, so a resumed run continues bit-identically.
+
+Directory written by `train`:
+    config.json        model name + fingerprint, edited weights, hparams, data
+    checkpoints/<step> orbax: the full training state (last two kept)
+    best/<step>        orbax: editor + normaliser with the best validation loss
+    train_log.jsonl    one JSON line per logged step / validation
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxedit.errors import CheckpointError, InputError
+from jaxedit.methods.mend.editor import (
+    Labelled,
+    Layout,
+    MENDHparams,
+    apply_updates,
+    encode_pair,
+    first_layer,
+    gradient_factors,
+    init_editor,
+    init_norm,
+    kl_loc,
+    label_accuracy,
+    labelled,
+    make_layout,
+    nll,
+    pad_pairs,
+    prefix_resid,
+    pseudo_gradients,
+    shift_layout,
+    split_top,
+    top_forward,
+    update_norm,
+)
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Case:
+    """One training edit: rewrite, an equivalent input, an unrelated (locality) input."""
+
+    prompt: str
+    target: str
+    rephrase: str
+    loc_prompt: str
+    loc_answer: str
+
+
+def load_cases(path: str | os.PathLike, fmt: str = "auto", limit: int | None = None) -> list[Case]:
+    """CounterFact (EasyEdit: prompt, target_new, rephrase_prompt, locality_prompt, ...) or
+    zsRE (MEND: src, alt, rephrase, loc, loc_ans)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"training data {p} not found")
+    try:
+        records = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{p}: not valid JSON ({e})") from e
+    if not isinstance(records, list) or not records:
+        raise InputError(f"{p}: empty training set (expected a non-empty JSON list)")
+    if fmt == "auto":
+        first = records[0]
+        fmt = "zsre" if "src" in first and "alt" in first else "counterfact"
+    cases = []
+    for r in records[:limit]:
+        try:
+            if fmt == "counterfact":
+                c = Case(
+                    r["prompt"],
+                    r["target_new"],
+                    r["rephrase_prompt"],
+                    r["locality_prompt"],
+                    r["locality_ground_truth"],
+                )
+            elif fmt == "zsre":
+                c = Case(r["src"], r["alt"], r["rephrase"], r["loc"], r["loc_ans"])
+            else:
+                raise InputError(f"unknown format {fmt!r} (counterfact | zsre | auto)")
+        except (KeyError, TypeError) as e:
+            raise InputError(f"{p}: a record lacks field {e} for format {fmt!r}") from e
+        if all(isinstance(x, str) and x.strip() for x in (c.prompt, c.target, c.rephrase)):
+            cases.append(c)
+    if not cases:
+        raise InputError(f"{p}: empty training set (no usable records)")
+    return cases
+
+
+class EditBatch(NamedTuple):
+    """Token arrays [N, 1, T] for N edits: inner (edit input), outer (rephrase), loc."""
+
+    inner: tuple[np.ndarray, np.ndarray, np.ndarray]  # tokens, mask, labels
+    outer: tuple[np.ndarray, np.ndarray, np.ndarray]
+    loc: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+    def take(self, idx) -> EditBatch:
+        return EditBatch(*(tuple(a[idx] for a in part) for part in self))
+
+    def __len__(self) -> int:
+        return self.inner[0].shape[0]
+
+
+def tokenize_cases(tok, cases: list[Case], max_len: int, max_target: int = 8) -> EditBatch:
+    """Encode every case, skipping those with a sequence longer than `max_len` tokens or an
+    answer longer than `max_target` tokens."""
+    keep = {"inner": [], "outer": [], "loc": []}
+    for c in cases:
+        parts = (
+            encode_pair(tok, c.prompt, c.target),
+            encode_pair(tok, c.rephrase, c.target),
+            encode_pair(tok, c.loc_prompt, c.loc_answer),
+        )
+        if max(len(p[0]) for p in parts) <= max_len and max(sum(p[1]) for p in parts) <= max_target:
+            for k, p in zip(keep, parts, strict=True):
+                keep[k].append(p)
+    if not keep["inner"]:
+        raise InputError(f"empty training set: no case fits in {max_len} tokens")
+    arrs = {k: tuple(a[:, None] for a in pad_pairs(tok, v, max_len)) for k, v in keep.items()}
+    return EditBatch(arrs["inner"], arrs["outer"], arrs["loc"])
+
+
+def batch_indices(n: int, step: int, batch: int, seed: int) -> np.ndarray:
+    """Edits of `step`: a fresh permutation per epoch, a pure function of (seed, step)."""
+    g = step * batch + np.arange(batch)
+    out = np.empty(batch, np.int64)
+    for epoch in np.unique(g // n):
+        sel = g // n == epoch
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        out[sel] = perm[g[sel] % n]
+    return out
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    editor: dict
+    norm: dict
+    opt_state: Any
+    best_val: jax.Array  # early stopping: best validation loss so far
+    since_best: jax.Array  # validations without improvement
+
+
+def make_optimizer(hp: MENDHparams, editor: dict) -> optax.GradientTransformation:
+    # η is stepped by its own Adam (lr_lr) and, as in the reference, by the editor's (lr); two
+    # Adams on the same gradient take steps in the same direction, so one Adam with the summed lr.
+    eta_lr = hp.lr_lr + (hp.lr if hp.eta_outer else 0.0)
+    labels = {"edit_lrs": "lrs", "nets": jax.tree.map(lambda _: "nets", editor["nets"])}
+    inner = optax.chain(
+        optax.clip_by_global_norm(hp.grad_clip),
+        optax.multi_transform({"nets": optax.adam(hp.lr), "lrs": optax.adam(eta_lr)}, labels),
+    )
+    return optax.MultiSteps(inner, every_k_schedule=max(hp.accumulate, 1))
+
+
+def init_state(layout: Layout, hp: MENDHparams) -> TrainState:
+    editor = init_editor(jax.random.key(hp.seed), layout, hp)
+    opt = make_optimizer(hp, editor)
+    return TrainState(
+        jnp.zeros((), jnp.int32),
+        editor,
+        init_norm(layout),
+        opt.init(editor),
+        jnp.asarray(jnp.inf, jnp.float32),
+        jnp.zeros((), jnp.int32),
+    )
+
+
+def _labelled(part, hp: MENDHparams) -> Labelled:
+    return labelled(part[0], part[1], part[2], hp.max_target)
+
+
+def _prepare_edit(cfg, layout, hp, params, inner, outer, loc):
+    """For one edit ([1, T] arrays): factors, residuals entering the edited blocks, pre-edit
+    logits of the locality input. Nothing here depends on the editor."""
+    first = first_layer(layout)
+    cfg_top, top = split_top(cfg, params, first)
+    x_in, x_out, x_loc = (_labelled(p, hp) for p in (inner, outer, loc))
+    # one prefix pass for the three sequences
+    h0 = prefix_resid(
+        cfg,
+        params,
+        jnp.concatenate([x_in.tokens, x_out.tokens, x_loc.tokens]),
+        jnp.concatenate([x_in.mask, x_out.mask, x_loc.mask]),
+        first,
+    )
+    h_in, h_out, h_loc = (None, None, None) if h0 is None else (h0[:1], h0[1:2], h0[2:])
+    _, factors = gradient_factors(cfg_top, top, shift_layout(layout, first), x_in, h_in)
+    pre_loc = top_forward(cfg_top, top, x_loc, h_loc).logits
+    return jax.lax.stop_gradient((factors, h_in, h_out, h_loc, pre_loc))
+
+
+def _edited_losses(cfg, layout, hp, params, editor, norm, prepared, inner, outer, loc):
+    """Loss and metrics of one edit (no batch axis: arrays [1, T])."""
+    factors, h_in, h_out, h_loc, pre_loc = prepared
+    first = first_layer(layout)
+    cfg_top, top = split_top(cfg, params, first)
+    grads, _ = pseudo_gradients(editor, norm, layout, factors, hp.norm)
+    new_top = apply_updates(top, shift_layout(layout, first), editor["edit_lrs"], grads)
+    x_out, x_loc = _labelled(outer, hp), _labelled(loc, hp)
+    # the scored inputs share one forward of the edited blocks: [edit input], rephrase, locality
+    rows, hs = [x_out, x_loc], [h_out, h_loc]
+    if hp.inner_loss:
+        rows, hs = [_labelled(inner, hp), *rows], [h_in, *hs]
+    both = Labelled(*(jnp.concatenate(a) for a in zip(*rows, strict=True)))
+    h0 = None if h_out is None else jnp.concatenate(hs)
+    logits = top_forward(cfg_top, new_top, both, h0).logits
+    post_edit, post_loc = logits[:-1], logits[-1:]
+    post_outer = logits[-2:-1]
+    x_edit = Labelled(*(a[:-1] for a in both))
+    l_edit = nll(post_edit, x_edit)  # token mean over the edit rows, as the reference's NLL
+    l_loc = kl_loc(pre_loc, post_loc, x_loc.valid)
+    # locality: answer tokens whose argmax prediction the edit left unchanged
+    same = (jnp.argmax(post_loc, -1) == jnp.argmax(pre_loc, -1)) & x_loc.valid
+    keep = jnp.sum(same) / jnp.maximum(jnp.sum(x_loc.valid), 1)
+    metrics = {
+        "loss/edit": l_edit,
+        "loss/loc": l_loc,
+        "edit/acc": label_accuracy(post_outer, x_out),
+        "loc/acc": keep,
+    }
+    if hp.inner_loss:
+        metrics["edit/acc_inner"] = label_accuracy(logits[:1], rows[0])
+    return hp.c_edit * l_edit + hp.c_loc * l_loc, metrics
+
+
+def _prepare_batch(cfg, layout, hp, params, batch: EditBatch):
+    one = lambda i, o, lc: _prepare_edit(cfg, layout, hp, params, i, o, lc)
+    return jax.vmap(one)(batch.inner, batch.outer, batch.loc)
+
+
+def _meta_loss(cfg, layout, hp, params, editor, norm, prepared, batch):
+    one = lambda p, i, o, lc: _edited_losses(cfg, layout, hp, params, editor, norm, p, i, o, lc)
+    losses, metrics = jax.vmap(one)(prepared, batch.inner, batch.outer, batch.loc)
+    metrics = jax.tree.map(jnp.mean, metrics)
+    loss = jnp.mean(losses)
+    return loss, {**metrics, "loss/total_edit": loss}
+
+
+def train_step(cfg, layout: Layout, hp: MENDHparams, params, state: TrainState, batch: EditBatch):
+    """One meta-training step (pure; `jax.jit` it with cfg, layout, hp static)."""
+    prepared = _prepare_batch(cfg, layout, hp, params, batch)
+    factors = prepared[0]
+    norm = state.norm
+    if hp.norm:  # training mode: fold this batch's tokens in first, then normalise with it
+        norm = {
+            g: update_norm(
+                norm[g],
+                factors.u[g].reshape(-1, factors.u[g].shape[-1]),
+                factors.d[g].reshape(-1, factors.d[g].shape[-1]),
+                factors.m[g].reshape(-1),
+            )
+            for g in norm
+        }
+    loss_fn = lambda ed: _meta_loss(cfg, layout, hp, params, ed, norm, prepared, batch)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.editor)
+    opt = make_optimizer(hp, state.editor)
+    updates, opt_state = opt.update(grads, state.opt_state, state.editor)
+    editor = optax.apply_updates(state.editor, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["edit_lr_mean"] = jnp.mean(editor["edit_lrs"])
+    new_state = state._replace(step=state.step + 1, editor=editor, norm=norm, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(cfg, layout: Layout, hp: MENDHparams, params, editor, norm, batch: EditBatch):
+    """Validation metrics of a batch (no normaliser update, no optimiser)."""
+    prepared = _prepare_batch(cfg, layout, hp, params, batch)
+    return _meta_loss(cfg, layout, hp, params, editor, norm, prepared, batch)[1]
+
+
+def jit_steps(cfg, layout, hp):
+    step = jax.jit(lambda p, s, b: train_step(cfg, layout, hp, p, s, b))
+    ev = jax.jit(lambda p, e, n, b: eval_step(cfg, layout, hp, p, e, n, b))
+    return step, ev
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class TrainedEditor:
+    editor: dict
+    norm: dict
+    layout: Layout
+    hparams: MENDHparams
+    step: int
+    config: dict
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _manager(directory: Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    )
+
+
+def _state_tree(state: TrainState) -> dict:
+    return dict(state._asdict())
+
+
+def save_state(mgr, state: TrainState) -> None:
+    import orbax.checkpoint as ocp
+
+    mgr.save(int(state.step), args=ocp.args.StandardSave(_state_tree(state)))
+    mgr.wait_until_finished()
+
+
+def restore_state(mgr, layout: Layout, hp: MENDHparams, step: int | None = None) -> TrainState:
+    import orbax.checkpoint as ocp
+
+    abstract = jax.eval_shape(lambda: _state_tree(init_state(layout, hp)))
+    step = mgr.latest_step() if step is None else step
+    try:
+        tree = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # orbax raises many types for truncated / foreign files
+        raise CheckpointError(f"corrupt or mismatched MEND checkpoint at step {step} ({e})") from e
+    return TrainState(**tree)
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such editor directory")
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no config.json (not a `jaxedit mend-train` output)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt config ({e})") from e
+
+
+def load_editor(directory: str | os.PathLike, lm) -> TrainedEditor:
+    """The best (else latest) editor in `directory`, refused if trained for other weights."""
+    import orbax.checkpoint as ocp
+
+    d = Path(directory).absolute()
+    conf = _read_config(d)
+    fp = lm.fingerprint()
+    if conf.get("fingerprint") != fp:
+        raise CheckpointError(
+            f"{d}: editor trained for model {conf.get('model')!r} (fingerprint "
+            f"{conf.get('fingerprint')}), not for {lm.name!r} (fingerprint {fp})"
+        )
+    hp = MENDHparams.from_dict(conf["hparams"])
+    layout = make_layout(lm.config, hp)
+    for sub in ("best", "checkpoints"):
+        if not (d / sub).is_dir():
+            continue
+        mgr = _manager(d / sub, 1 if sub == "best" else 2)
+        step = mgr.latest_step()
+        if step is None:
+            continue
+        if sub == "checkpoints":
+            tree = restore_state(mgr, layout, hp, step)._asdict()
+        else:
+            st = init_state(layout, hp)
+            abstract = jax.eval_shape(lambda st=st: {"editor": st.editor, "norm": st.norm})
+            try:
+                tree = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+            except Exception as e:  # orbax raises many types for truncated / foreign files
+                raise CheckpointError(f"{d / sub}: corrupt editor checkpoint ({e})") from e
+        return TrainedEditor(tree["editor"], tree["norm"], layout, hp, int(step), conf)
+    raise CheckpointError(f"{d}: no editor checkpoint (training never saved)")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _fmt(metrics: dict) -> dict:
+    return {k: round(float(v), 6) for k, v in metrics.items()}
+
+
+def evaluate(ev, params, editor, norm, data: EditBatch, batch: int) -> dict:
+    """Mean validation metrics over `data` (the last partial batch wraps around)."""
+    n = len(data)
+    sums: dict[str, float] = {}
+    n_batches = -(-n // batch)
+    for i in range(n_batches):
+        idx = np.arange(i * batch, (i + 1) * batch) % n
+        m = ev(params, editor, norm, data.take(idx))
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return {f"{k}_val": v / n_batches for k, v in sums.items()}
+
+
+def train(
+    lm,
+    cases: list[Case],
+    out_dir: str | os.PathLike,
+    hp: MENDHparams,
+    *,
+    steps: int = 300,
+    val_every: int = 50,
+    val_size: int = 32,
+    patience: int = 5,
+    log_every: int = 10,
+    resume: bool = False,
+    progress: bool = True,
+    data_name: str = "",
+    stop_after: int | None = None,
+) -> dict:
+    """Meta-train an editor; returns a summary. `stop_after` ends the run early (for tests)."""
+    out = Path(out_dir).absolute()
+    cfg, tok = lm.config, lm.tokenizer
+    layout = make_layout(cfg, hp)
+    data = tokenize_cases(tok, cases, hp.max_len, hp.max_target)
+    if len(data) <= val_size:
+        raise InputError(f"only {len(data)} usable cases; need more than val_size={val_size}")
+    val = data.take(np.arange(len(data) - val_size, len(data)))
+    train_data = data.take(np.arange(len(data) - val_size))
+    fingerprint = lm.fingerprint()
+    conf = {
+        "model": lm.name,
+        "fingerprint": fingerprint,
+        "model_config": cfg.to_dict(),
+        "weights": [f"{s}.{layer}" for s, layer in layout.weights],
+        "groups": {n: {"in": i, "out": o, "members": list(m)} for n, i, o, m in layout.groups},
+        "hparams": hp.to_dict(),
+        "data": data_name,
+        "n_train": len(train_data),
+        "n_val": val_size,
+    }
+    ckpt_dir = out / "checkpoints"
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise InputError(f"{out} exists and is not empty; pass --resume or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if resume and (out / "config.json").exists():
+        old = _read_config(out)
+        if old.get("fingerprint") != fingerprint or old.get("hparams") != conf["hparams"]:
+            raise CheckpointError(f"{out}: trained for another model or hparams; cannot resume")
+    _write_json_atomic(out / "config.json", conf)
+
+    mgr, best_mgr = _manager(ckpt_dir, 2), _manager(out / "best", 1)
+    state = init_state(layout, hp)
+    if resume and mgr.latest_step() is not None:
+        state = restore_state(mgr, layout, hp)
+    start = int(state.step)
+    log_path = out / "train_log.jsonl"
+    _truncate_log(log_path, start)
+    step_fn, ev = jit_steps(cfg, layout, hp)
+    params = lm.params
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc="mend-train", dynamic_ncols=True)
+    t0, stopped, last = time.perf_counter(), False, {}
+    acc: dict[str, float] = {}
+    n_acc = 0
+    with open(log_path, "a") as log:
+        while int(state.step) < steps:
+            s = int(state.step)
+            idx = batch_indices(len(train_data), s, hp.batch, hp.seed)
+            state, metrics = step_fn(params, state, train_data.take(idx))
+            for k, v in metrics.items():
+                acc[k] = acc.get(k, 0.0) + float(v)
+            n_acc += 1
+            s += 1
+            if s % log_every == 0 or s == steps:
+                last = {k: v / n_acc for k, v in acc.items()}
+                log.write(json.dumps({"step": s, **_fmt(last)}) + "\n")
+                log.flush()
+                acc, n_acc = {}, 0
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{last['loss/total_edit']:.3f}",
+                        edit=f"{last['edit/acc']:.2f}",
+                        loc=f"{last['loc/acc']:.2f}",
+                    )
+            if bar is not None:
+                bar.update(1)
+            if s % val_every == 0 or s == steps:
+                vm = evaluate(ev, params, state.editor, state.norm, val, hp.batch)
+                better = vm["loss/total_edit_val"] < float(state.best_val)
+                state = state._replace(
+                    best_val=jnp.asarray(vm["loss/total_edit_val"], jnp.float32)
+                    if better
+                    else state.best_val,
+                    since_best=jnp.zeros((), jnp.int32) if better else state.since_best + 1,
+                )
+                if better:
+                    _save_best(best_mgr, state)
+                log.write(json.dumps({"step": s, "best": better, **_fmt(vm)}) + "\n")
+                log.flush()
+                save_state(mgr, state)  # state after validation: resumes with the same stopper
+                if int(state.since_best) >= patience:
+                    stopped = True
+                    break
+            if stop_after is not None and s - start >= stop_after:
+                break
+    if bar is not None:
+        bar.close()
+    if int(state.step) % val_every != 0 and not stopped:
+        save_state(mgr, state)
+    mgr.close()
+    best_mgr.close()
+    elapsed = time.perf_counter() - t0
+    done = int(state.step) - start
+    return {
+        "out": str(out),
+        "steps": int(state.step),
+        "steps_this_run": done,
+        "seconds": round(elapsed, 2),
+        "steps_per_s": round(done / elapsed, 4) if elapsed > 0 else None,
+        "early_stopped": stopped,
+        "best_val_loss": float(state.best_val),
+        "last_train": _fmt(last) if last else {},
+        "n_train": len(train_data),
+        "weights": conf["weights"],
+    }
+
+
+def _save_best(mgr, state: TrainState) -> None:
+    import orbax.checkpoint as ocp
+
+    mgr.save(
+        int(state.step), args=ocp.args.StandardSave({"editor": state.editor, "norm": state.norm})
+    )
+    mgr.wait_until_finished()
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the restored step: they belong to work the crash threw away."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in kept))
