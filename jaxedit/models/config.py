@@ -150,7 +150,7 @@ _HARMLESS = {
 }
 
 
-def _rope(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None, float]:
+def _rope(hf: dict[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None, float | None]:
     """(theta, scaling, partial_rotary_factor) from old (`rope_theta`/`rope_scaling`) or
     transformers-5 (`rope_parameters`) style configs. Unknown scaling types are refused."""
     params = dict(hf.get("rope_parameters") or {})
