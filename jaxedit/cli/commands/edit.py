@@ -3,22 +3,25 @@
     jaxedit edit --method rome --prompt "{} is located in the city of" \
         --subject "The Eiffel Tower" --target "Rome" --check "The capital of Germany is"
 
-Each method contributes its own flags (`--hparams`, ...) through its `add_arguments`; a flag
-two methods share is defined once. `--requests FILE.jsonl` edits many facts, one after another.
+The method runs through the protocol only (`jaxedit.methods`: hparams -> prepare -> compute ->
+`jaxedit.apply`); its settings come from its hparams dataclass: `--hparams PRESET|FILE` and
+`--set key=value`. `--requests FILE.jsonl` edits many facts, one after another, as one edit.
+`--save-edit FILE` writes the edit alone (`jaxedit.load_edit` reads it back); `--save DIR` the
+edited model (weight edits).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import time
 from pathlib import Path
 
-from jaxedit.cli.shared import SharedFlags, load_model
+from jaxedit.cli.method_args import add_method_arguments, hparams_json, method_and_hparams
+from jaxedit.cli.shared import load_model
+from jaxedit.edits import WeightEdit, apply, save_edit
 from jaxedit.errors import InputError
 from jaxedit.io.checkpoint import save_hf
-from jaxedit.methods import legacy as methods
 from jaxedit.models.generate import top_k
 from jaxedit.requests import EditRequest, from_prompt
 
@@ -27,7 +30,7 @@ HELP = "edit a fact (ROME, MEND, IKE, ...) and compare top predictions before an
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="rome", help="editing method (default: rome)")
+    add_method_arguments(p, default="rome")
     p.add_argument("--prompt", help='prompt with "{}" for the subject (or containing it)')
     p.add_argument("--subject", help="the subject, e.g. 'The Eiffel Tower'")
     p.add_argument("--target", help="the new answer, e.g. 'Rome'")
@@ -47,11 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=3, help="predictions shown per prompt")
     p.add_argument("--save", default=None, metavar="DIR", help="write the edited model (HF dir)")
     p.add_argument(
-        "--save-delta", default=None, metavar="FILE", help="write the parameter change alone (.npz)"
+        "--save-edit",
+        default=None,
+        metavar="FILE",
+        help="write the edit alone (.safetensors; jaxedit.load_edit reads it)",
     )
-    shared = SharedFlags(p, p.add_argument_group("method options"))
-    for name in methods.names():
-        methods.get(name).add_arguments(shared)
 
 
 def read_requests(path: str) -> list[EditRequest]:
@@ -104,59 +107,58 @@ def _requests(args) -> list[EditRequest]:
     return [from_prompt(args.prompt, args.subject, args.target, target_true=args.target_true)]
 
 
-def _saver(method_name: str):
-    try:
-        mod = importlib.import_module(
-            {"mend": "jaxedit.methods.mend.editor"}.get(
-                method_name, f"jaxedit.methods.{method_name}"
-            )
-        )
-    except ImportError:
-        return None
-    return getattr(mod, "save_record", None)
-
-
 def run(args) -> dict:
     # Validate everything cheap before the expensive part: nothing is written on an error.
     reqs = _requests(args)
     if args.top_k <= 0:
         raise InputError("--top-k must be positive")
-    method = methods.get(args.method)
     if args.save and Path(args.save).exists() and any(Path(args.save).iterdir()):
         raise InputError(f"--save {args.save}: exists and is not empty")
-    saver = _saver(method.name) if args.save_delta else None
-    if args.save_delta and saver is None:
-        raise InputError(f"method {method.name!r} has no parameter change to save (--save-delta)")
     lm = load_model(args)
+    method, hp = method_and_hparams(args, lm)
     prompts = [r.rewrite_prompt for r in reqs] + list(args.check)
     before = [{"prompt": q, "top": top_k(lm, q, args.top_k)} for q in prompts]
     t0 = time.perf_counter()
-    editor = method.prepare(lm, args)
+    state = method.prepare(lm, hp, cache_dir=args.cache_dir, progress=not args.json)
     t1 = time.perf_counter()
-    result = editor(lm, reqs)
+    edit, info = method.compute(lm, state, reqs)
+    edited = apply(lm, edit)
     t2 = time.perf_counter()
-    ctx = result.context or ""
-    after = [{"prompt": q, "top": top_k(result.model, ctx + q, args.top_k)} for q in prompts]
-    summary = result.summary or {}
+    if args.save and not isinstance(edit, WeightEdit):
+        raise InputError(f"--save: {method.name} changes no weight; use --save-edit")
+    after = [{"prompt": q, "top": top_k(edited, q, args.top_k)} for q in prompts]
     out = {
         "method": method.name,
         "model": lm.name,
         "request": _request_json(reqs[0]),
         "before": before,
         "after": after,
-        "delta": {"layer": summary.get("layer"), "norm": summary.get("norm")}
-        if "norm" in summary
-        else None,
-        "seconds": {"stats": round(t1 - t0, 3), "edit": round(t2 - t1, 3)},
-        "summary": summary,
+        "edit": _edit_summary(edit),
+        "seconds": {"prepare": round(t1 - t0, 3), "edit": round(t2 - t1, 3)},
+        "hparams": hparams_json(hp),
+        "info": info,
     }
     if len(reqs) > 1:
         out["requests"] = [_request_json(r) for r in reqs]
-    if args.save_delta:
-        out["saved_delta"] = str(saver(result.record, args.save_delta, {"model": lm.name}))
+    if args.save_edit:
+        out["saved_edit"] = str(save_edit(edit, args.save_edit))
     if args.save:
-        out["saved"] = str(save_hf(result.model, args.save))
+        out["saved"] = str(save_hf(edited, args.save))
     return out
+
+
+def _edit_summary(edit) -> dict:
+    if isinstance(edit, WeightEdit):
+        return {
+            "kind": "weight",
+            "weights": [f"{site}.{layer}" for site, layer in edit.sites()],
+            "norm": edit.norm(),
+        }
+    return {
+        "kind": "context",
+        "facts": list(edit.facts),
+        "demonstrations": len(edit.demonstrations),
+    }
 
 
 def _request_json(r: EditRequest) -> dict:
@@ -178,11 +180,14 @@ def render(r: dict) -> str:
         lines.append(f"  {b['prompt']!r}")
         lines.append(f"      before: {fmt(b['top'])}")
         lines.append(f"      after:  {fmt(a['top'])}")
-    if r["delta"]:
-        lines.append(f"  delta: layer {r['delta']['layer']}, |ΔW| = {r['delta']['norm']:.4g}")
+    e = r["edit"]
+    if e["kind"] == "weight" and e["weights"]:
+        lines.append(f"  weights: {', '.join(e['weights'])}, |ΔW| = {e['norm']:.4g}")
+    elif e["kind"] == "context":
+        lines.append(f"  context: {len(e['facts'])} fact(s), {e['demonstrations']} demonstrations")
     s = r["seconds"]
-    lines.append(f"  time: preparation (statistics) {s['stats']} s, edit {s['edit']} s")
-    for k in ("saved", "saved_delta"):
+    lines.append(f"  time: preparation {s['prepare']} s, edit {s['edit']} s")
+    for k in ("saved", "saved_edit"):
         if k in r:
             lines.append(f"  {k.replace('_', ' ')}: {r[k]}")
     return "\n".join(lines)
