@@ -69,7 +69,7 @@ def test_apply_adds_each_delta_to_its_weight_only(tiny):
     np.testing.assert_array_equal(
         get_weight(lm2.params, "mlp_out", 0), before["blocks"]["mlp"]["down"]["kernel"][0]
     )
-    np.testing.assert_array_equal(lm2.params["embed"]["embedding"], before["embed"]["embedding"])
+    np.testing.assert_array_equal(lm2.params["embed"], before["embed"])
     assert edit.sites() == [("mlp_gate", 0), ("mlp_out", 1), ("mlp_up", 2)]
 
 
