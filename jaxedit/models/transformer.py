@@ -88,6 +88,12 @@ def _activation(name: str):
     }[name]
 
 
+def activation(name: str):
+    """The elementwise MLP activation a config names (`ModelConfig.activation`), as the model
+    applies it (public for methods that differentiate through the MLP by hand, e.g. MEND)."""
+    return _activation(name)
+
+
 def rotary_inv_freq(cfg: ModelConfig) -> Float[Array, " R2"]:
     """Inverse frequencies θ^(-2i/R) for the R rotated dims, with the family's scaling."""
     R = cfg.rotary_dim
