@@ -1,4 +1,5 @@
-"""Next-token prediction and KV-cached generation against the plain (uncached) forward."""
+"""Next-token prediction and KV-cached generation against the plain (uncached) forward; a model
+carrying a context edit answers exactly as the plain model on `context + prompt`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 from test_model_parity import golden_model
 
+from jaxedit.edits import ContextEdit, Demonstration, apply
 from jaxedit.errors import InputError
 from jaxedit.models.generate import _generate, generate, next_token_logprobs, top_k
 from jaxedit.models.transformer import forward_jit
@@ -33,7 +35,14 @@ def test_kv_cached_greedy_equals_uncached(family):
     b = lm.tokenizer.batch([prompt], padding="left")
     n = 10
     cached = _generate(
-        lm.config, lm.params, jnp.asarray(b.tokens), jnp.asarray(b.mask), n, 0.0, jax.random.key(0)
+        lm.config,
+        lm.params,
+        None,
+        jnp.asarray(b.tokens),
+        jnp.asarray(b.mask),
+        n,
+        0.0,
+        jax.random.key(0),
     )
     ids = lm.tokenizer.encode(prompt)
     assert np.asarray(cached)[0].tolist() == naive_greedy(lm, ids, n)[len(ids) :]
@@ -81,3 +90,53 @@ def test_bad_inputs():
 def test_embedded_model_generates_paris(smollm):
     text = generate(smollm, "The Eiffel Tower is located in the city of", max_new_tokens=3)
     assert text.startswith(" Paris")
+
+
+# ----------------------------------------------------------------------------- context edits
+
+CONTEXT = ContextEdit(
+    ("ab is cd",),
+    (Demonstration("copy", "New Fact: xy\nPrompt: xy\n\n", 0.5),),
+    reserve_tokens=8,
+)
+
+
+@pytest.mark.parametrize("family", ("mistral", "gpt2"))
+def test_context_model_equals_plain_model_on_joined_text(family):
+    """The context runs once into a KV cache; prompts (batched, left-padded) attend to it.
+    Same log-probs and greedy text as the plain model on context + prompt (mistral's sliding
+    window and gpt2's learned positions included)."""
+    lm = golden_model(family)
+    edited = apply(lm, CONTEXT)
+    ctx = edited.context_text()
+    assert ctx == "New Fact: xy\nPrompt: xy\n\nNew Fact: ab is cd\nPrompt: "
+    prompts = ["ab is", "hello w"]
+    got = np.asarray(next_token_logprobs(edited, prompts))
+    want = np.asarray(next_token_logprobs(lm, [ctx + p for p in prompts]))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert generate(edited, "ab is", max_new_tokens=6) == generate(lm, ctx + "ab is", 6)
+    with pytest.raises(InputError):  # the fact, the prompt and the new tokens cannot fit
+        generate(edited, "ab is", max_new_tokens=lm.config.max_positions)
+
+
+def test_long_generation_refits_the_context():
+    """A generation longer than the context's reserve drops demonstrations, never a fact."""
+    lm = golden_model("llama")
+    edited = apply(lm, CONTEXT)
+    n = lm.config.max_positions - len(lm.tokenizer.encode("New Fact: ab is cd\nPrompt: ab is"))
+    text = generate(edited, "ab is", max_new_tokens=n)  # no room for the demonstration
+    head = "New Fact: ab is cd\nPrompt: "
+    assert text == generate(lm, head + "ab is", max_new_tokens=n)
+
+
+def test_context_on_the_embedded_model(smollm):
+    """The real tokenizer: "…Prompt: " + prompt is tokenized as the joined text."""
+    ctx = ContextEdit(("The Eiffel Tower is located in the city of Rome",), reserve_tokens=16)
+    edited = apply(smollm, ctx)
+    prompt = "The Eiffel Tower is located in the city of"
+    got = np.asarray(next_token_logprobs(edited, [prompt]))[0]
+    want = np.asarray(next_token_logprobs(smollm, [edited.context_text() + prompt]))[0]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    top = top_k(edited, prompt, 3)
+    assert [r["id"] for r in top] == np.argsort(-want)[:3].tolist()
+    assert generate(edited, prompt, 2) == generate(smollm, edited.context_text() + prompt, 2)

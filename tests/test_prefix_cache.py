@@ -88,7 +88,8 @@ def test_bad_input(smollm):
     assert prefix_cache.score_continuations(smollm, head, [], []) == ([], [])
 
 
-# ----------------------------------------------------------------------------- metrics' prefix path
+# ----------------------------------------------------------------------------- context text
+
 
 CONTEXTS = [
     "New Fact: Rome\nPrompt: ",  # short, ends in a space (IKE's layout)
@@ -97,33 +98,40 @@ CONTEXTS = [
 ]
 
 
-@pytest.mark.parametrize("ctx,padding", [(0, "left"), (1, "right"), (2, "left"), (2, "right")])
-def test_metrics_prefix_uses_cache_and_matches_full_rows(smollm, ctx, padding):
-    from jaxedit.eval import scoring as metrics
-
-    prefix = CONTEXTS[ctx]
-    prompts = [p.strip() for p, _ in QUERIES]
-    targets = [t.strip() for _, t in QUERIES]
-    cached = metrics.score_targets(smollm, prompts, targets, prefix=prefix, padding=padding)
-    p_ids, t_ids = metrics.encode_queries(smollm.tokenizer, prompts, targets)
-    rows = metrics.with_prefix(smollm.tokenizer, prefix, p_ids, prompts)
-    full = metrics.score_ids(metrics.lm_scorer(smollm), rows, t_ids, padding=padding)
-    # Rows here are laid out differently from the full rows (T buckets, batch shapes), which
-    # alone moves fp32 log-probs by a few 1e-5 (benchmarks/results/ike.json, "noise_floor").
-    for a, b in zip(cached.logprobs, full.logprobs, strict=True):
-        # Seen up to 7.6e-5 absolute on a log-prob of -2.5 (3e-5 relative) for one layout.
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5)
-    for a, b in zip(cached.argmax, full.argmax, strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_prefix_trailing_space_joins_like_the_text(smollm):
-    """ "…Prompt: " + "The X" is tokenized as the joined text: no lone " " token."""
-    from jaxedit.eval import scoring as metrics
-
+@pytest.mark.parametrize("ctx", range(len(CONTEXTS)))
+def test_split_context_equals_the_joined_text(smollm, ctx):
+    """prefix ⊕ body are the ids of `context + prompt` (no lone " " token), and the cached
+    scores of a target after them equal the plain forward over the joined text."""
     tok = smollm.tokenizer
-    prefix, prompt = "New Fact: The Eiffel Tower is in Rome\nPrompt: ", "The Eiffel Tower is in"
-    p_ids, _ = metrics.encode_queries(tok, [prompt], ["Rome"])
-    (row,) = metrics.with_prefix(tok, prefix, p_ids, [prompt])
-    assert row == tok.encode(prefix + prompt)
-    assert tok.encode(" ")[-1] not in row
+    context = CONTEXTS[ctx]
+    prompts = [p.strip() for p, _ in QUERIES]
+    head, bodies = prefix_cache.split_context(tok, context, prompts)
+    for p, body in zip(prompts, bodies, strict=True):
+        assert head + body == tok.encode(context + p)
+    assert tok.encode(" ")[-1] not in head + bodies[0]
+    # One query, laid out in one fixed width so that every context shares one compile.
+    target = tok.encode_continuation(QUERIES[0][1])
+    (lp,), _ = prefix_cache.score_continuations(smollm, head, bodies[:1], [target], padding="left")
+    seq = tok.encode(context + prompts[0]) + target
+    tokens, mask = np.zeros((1, 256), np.int32), np.zeros((1, 256), bool)
+    tokens[0, : len(seq)], mask[0, : len(seq)] = seq, True
+    logits = forward_jit(smollm.config, smollm.params, tokens, mask).logits[0]
+    logp = jax.nn.log_softmax(logits, -1)
+    start = len(head) + len(bodies[0]) - 1
+    want = [float(logp[start + j, t]) for j, t in enumerate(target)]
+    np.testing.assert_allclose(lp, want, atol=1e-4)
+
+
+def test_fitted_context(smollm):
+    from jaxedit.edits import ContextEdit, Demonstration, apply
+
+    assert prefix_cache.fitted_context(smollm) is None
+    demo = Demonstration("copy", "New Fact: a\nPrompt: a\n\n", 0.1)
+    lm = apply(smollm, ContextEdit(("b",), (demo,), reserve_tokens=10))
+    full = "New Fact: a\nPrompt: a\n\nNew Fact: b\nPrompt: "
+    assert prefix_cache.fitted_context(lm, 10) == lm.context_text() == full
+    # a follow-up that leaves no room for the demonstration drops it, never the fact
+    room = smollm.config.max_positions - len(smollm.tokenizer.encode("New Fact: b\nPrompt: "))
+    assert prefix_cache.fitted_context(lm, room) == "New Fact: b\nPrompt: "
+    with pytest.raises(InputError):
+        prefix_cache.fitted_context(lm, room + 1)

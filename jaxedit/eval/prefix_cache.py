@@ -1,7 +1,7 @@
-"""Score many short continuations after one shared prefix, computing the prefix only once.
+"""Run a shared prefix (a context edit's text) once into a KV cache; let many queries attend to it.
 
-In-context editing (IKE) puts a long prefix (demonstrations + the new fact) before every query
-of an edit; the queries themselves are short. Recomputing the prefix for every row costs
+In-context editing (IKE) puts a long context (demonstrations + the new facts) before every
+query of an edit; the queries themselves are short. Recomputing the context for every row costs
 B·(S+T) token-passes; with a KV cache it costs S + B·T:
 
     kv_prefix          = forward(prefix)                              (once, batch 1)
@@ -12,13 +12,23 @@ positions continue after the prefix's real tokens (`forward` offsets them by the
 valid cache slots), so the cached scores equal full recomputation up to float summation order
 (tests: ≤ 1e-5 in log-probability, left and right padding, several prefix lengths).
 
+Tokens: `split_context` cuts a context text and the prompts that follow it into the prefix ids
+(with BOS) and each prompt's ids, such that prefix ⊕ prompt are the ids of the joined text (the
+context's trailing spaces move onto the prompts: "…Prompt: " + "The X" is read as "…Prompt:" +
+" The X", never with a lone " " token). Scoring (`jaxedit.eval.scoring`) and next-token
+prediction / generation (`jaxedit.models.generate`) both go through it, so a model carrying a
+context (`LanguageModel.context`) scores exactly the text `context + prompt`.
+
 Shapes compile once per bucket: the prefix is left-padded to a bucket of S (its padding slots
 are masked in the cache), continuation rows to buckets of (rows, T, P).
+
+This module depends on the model, the tokenizer and `jaxedit.eval.kernels` (the jitted target
+scores), not on `jaxedit.eval.scoring`, which uses it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -28,10 +38,8 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxedit.errors import InputError
-
-# metrics imports this module only inside a function, so importing its scorer here is cycle-free.
-from jaxedit.eval.scoring import _lm_scores, target_token_scores
-from jaxedit.io.tokenizer import bucket
+from jaxedit.eval.kernels import Scorer, target_token_scores
+from jaxedit.io.tokenizer import TextTokenizer, bucket
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.lm import LanguageModel
 from jaxedit.models.transformer import KVCache, Params, forward
@@ -41,8 +49,6 @@ TARGET_BUCKETS = (4, 16, 64, 256)
 # The prefix cache is broadcast to every row of a batch ([L B S G K] keys and values), so rows
 # per call are capped to keep that copy under this many bytes (chunks still share one prefix).
 CACHE_BYTES_PER_CALL = 512 * 2**20
-
-Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[Array, Array]]
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,58 @@ class PrefixCache:
         return int(self.kv.mask.shape[1])
 
 
+# ----------------------------------------------------------------------------- tokens
+
+
+def split_context(
+    tok: TextTokenizer, context: str, prompts: Sequence[str]
+) -> tuple[list[int], list[list[int]]]:
+    """(prefix ids, each prompt's ids after it) for `context + prompt`.
+
+    The prefix is tokenized once, with BOS if the model uses one; each prompt follows without
+    BOS. Trailing spaces/tabs of the context are glued to the front of every prompt, so the
+    ids are those a joint tokenization of `context + prompt` gives (byte-level BPE splits
+    words before a space; the space belongs to the word after it). The prefix is [] when the
+    context is only spaces and the model has no BOS (nothing to cache).
+    """
+    head_text = context.rstrip(" \t")
+    glue = context[len(head_text) :]
+    if head_text:
+        head = tok.encode(head_text)
+    else:
+        head = [tok.bos_id] if tok.add_bos else []
+    bodies = [tok.encode_continuation(glue + p) for p in prompts]
+    if any(not b for b in bodies):
+        raise InputError("empty prompt after the context")
+    return head, bodies
+
+
+def fitted_context(lm: LanguageModel, need_tokens: int = 0) -> str | None:
+    """The text of `lm.context`, fitted so that `need_tokens` more tokens follow it; None
+    when the model carries no context.
+
+    A context edit reserves room for its own queries (`reserve_tokens`); a longer follow-up
+    (a generation of many tokens) drops further demonstrations, least similar first, never a
+    fact (`ContextEdit.render`).
+    """
+    ctx = lm.context
+    if ctx is None:
+        return None
+    extra = max(0, int(need_tokens) - ctx.reserve_tokens)
+    return ctx.render(lm.tokenizer, lm.config.max_positions - extra)
+
+
 # ----------------------------------------------------------------------------- pure parts
+
+
+def broadcast_cache(kv: KVCache, rows: int) -> KVCache:
+    """A batch-1 cache repeated for `rows` rows (inside jit this is a broadcast, not a copy)."""
+    L, _, S, G, K = kv.k.shape
+    return KVCache(
+        jnp.broadcast_to(kv.k, (L, rows, S, G, K)),
+        jnp.broadcast_to(kv.v, (L, rows, S, G, K)),
+        jnp.broadcast_to(kv.mask, (rows, S)),
+    )
 
 
 @partial(jax.jit, static_argnums=0)
@@ -71,22 +128,17 @@ def _encode_prefix(
 
 
 @partial(jax.jit, static_argnums=0)
-def _score_with_cache(
+def _score(
     cfg: ModelConfig,
     params: Params,
-    cache: KVCache,
+    cache: KVCache | None,
     tokens: Int[Array, "B T"],
     mask: Bool[Array, "B T"],
     positions: Int[Array, "B P"],
     targets: Int[Array, "B P"],
 ) -> tuple[Float[Array, "B P"], Int[Array, "B P"]]:
-    B = tokens.shape[0]
-    L, _, S, G, K = cache.k.shape
-    shared = KVCache(
-        jnp.broadcast_to(cache.k, (L, B, S, G, K)),
-        jnp.broadcast_to(cache.v, (L, B, S, G, K)),
-        jnp.broadcast_to(cache.mask, (B, S)),
-    )
+    # Logits only at the P scored positions: never materialise [B T V].
+    shared = None if cache is None else broadcast_cache(cache, tokens.shape[0])
     out = forward(cfg, params, tokens, mask, cache=shared, logit_positions=positions)
     return target_token_scores(out.logits, targets)
 
@@ -112,17 +164,17 @@ def encode_prefix(lm: LanguageModel, prefix_ids: Sequence[int]) -> PrefixCache:
     return PrefixCache(kv, len(ids))
 
 
-def cached_scorer(lm: LanguageModel, cache: PrefixCache) -> Scorer:
-    """`score(tokens, mask, positions, targets)` for continuation rows that follow `cache`.
+def cached_scorer(lm: LanguageModel, cache: PrefixCache | None) -> Scorer:
+    """`score(tokens, mask, positions, targets)` for rows that follow `cache` (None: no prefix).
 
-    The packed-batch interface of `jaxedit.eval.scoring` (positions index the continuation rows).
+    The packed-batch interface of `jaxedit.eval.scoring` (positions index the rows' tokens).
     """
 
     def score(tokens, mask, positions, targets):
-        return _score_with_cache(
+        return _score(
             lm.config,
             lm.params,
-            cache.kv,
+            None if cache is None else cache.kv,
             jnp.asarray(tokens),
             jnp.asarray(mask),
             jnp.asarray(positions),
@@ -222,6 +274,7 @@ def score_continuations(
     cache = encode_prefix(lm, head) if use_cache else None
     if cache is not None:
         max_rows = max_rows_for(lm, cache.slots, max_rows)
+    score = cached_scorer(lm, cache)
     order = sorted(range(n), key=lambda i: len(prompt_ids[i]) + len(target_ids[i]))
     lp_out: list[np.ndarray] = [np.zeros(0)] * n
     am_out: list[np.ndarray] = [np.zeros(0)] * n
@@ -239,10 +292,7 @@ def score_continuations(
             padding=padding,
             rows=rows,
         )
-        if cache is not None:
-            lp, am = cached_scorer(lm, cache)(*packed)
-        else:
-            lp, am = _lm_scores(lm.config, lm.params, *map(jnp.asarray, packed))
+        lp, am = score(*packed)
         lp, am = np.asarray(lp), np.asarray(am)
         for r, i in enumerate(idx):
             k = len(target_ids[i])

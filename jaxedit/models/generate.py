@@ -2,37 +2,81 @@
 
 Generation pre-fills the prompt once, then decodes one token per step inside a single
 `lax.scan`, attending to a fixed-size cache buffer (one compile per prompt bucket and length).
+
+A model that carries a context edit (`lm.context`, IKE) is asked `context + prompt`: the
+context runs once into a KV cache (`jaxedit.eval.prefix_cache`) that every prompt row attends
+to, with the tokens a joint tokenization of the text gives (`split_context`), so the results
+equal those of the plain model on the concatenated text (tests/test_generate.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxedit.errors import InputError
+from jaxedit.eval.prefix_cache import (
+    PrefixCache,
+    broadcast_cache,
+    encode_prefix,
+    fitted_context,
+    split_context,
+)
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.lm import LanguageModel
-from jaxedit.models.transformer import KVCache, Params, forward, forward_jit
+from jaxedit.models.transformer import KVCache, Params, forward
 
 
-def next_token_logprobs(lm: LanguageModel, prompts: list[str]) -> Float[Array, "B V"]:
-    """log p(next token | prompt) after each prompt's last token (left-padded batch)."""
+def _rows(lm: LanguageModel, prompts: Sequence[str], extra_tokens: int = 0):
+    """(prefix cache or None, token-id rows): each prompt after the model's context, if any.
+
+    `extra_tokens` is room kept after the longest prompt (tokens to generate)."""
     for p in prompts:
         if not p:
             raise InputError("empty prompt")
-    b = lm.tokenizer.batch(prompts, padding="left")
-    out = forward_jit(
+    tok = lm.tokenizer
+    # Without a context, each prompt alone (with BOS); its length bounds the context's fit.
+    plain = [tok.encode(p) for p in prompts]
+    context = fitted_context(lm, max(map(len, plain)) + extra_tokens)
+    if context is None:
+        return None, plain
+    head, bodies = split_context(tok, context, prompts)
+    if not head:  # a context of spaces only and no BOS: nothing to cache
+        return None, bodies
+    return encode_prefix(lm, head), bodies
+
+
+@partial(jax.jit, static_argnums=0)
+def _last_logprobs(
+    cfg: ModelConfig,
+    params: Params,
+    prefix: KVCache | None,
+    tokens: Int[Array, "B T"],
+    mask: Bool[Array, "B T"],
+    last: Int[Array, " B"],
+) -> Float[Array, "B V"]:
+    cache = None if prefix is None else broadcast_cache(prefix, tokens.shape[0])
+    out = forward(cfg, params, tokens, mask, cache=cache, logit_positions=last[:, None])
+    return jax.nn.log_softmax(out.logits[:, 0].astype(jnp.float32), axis=-1)
+
+
+def next_token_logprobs(lm: LanguageModel, prompts: list[str]) -> Float[Array, "B V"]:
+    """log p(next token | [context +] prompt) after each prompt's last token (left-padded)."""
+    prefix, rows = _rows(lm, prompts)
+    b = lm.tokenizer.batch(rows, padding="left")
+    return _last_logprobs(
         lm.config,
         lm.params,
+        _kv(prefix),
         jnp.asarray(b.tokens),
         jnp.asarray(b.mask),
-        logit_positions=jnp.asarray(b.last)[:, None],
+        jnp.asarray(b.last),
     )
-    return jax.nn.log_softmax(out.logits[:, 0], axis=-1)
 
 
 def top_k(lm: LanguageModel, prompt: str, k: int = 5) -> list[dict]:
@@ -47,15 +91,38 @@ def top_k(lm: LanguageModel, prompt: str, k: int = 5) -> list[dict]:
     ]
 
 
-@partial(jax.jit, static_argnums=(0, 4))
+def _kv(prefix: PrefixCache | None) -> KVCache | None:
+    return None if prefix is None else prefix.kv
+
+
+@partial(jax.jit, static_argnums=(0, 5))
 def _generate(
-    cfg: ModelConfig, params: Params, tokens, mask, max_new: int, temperature, key
+    cfg: ModelConfig,
+    params: Params,
+    prefix: KVCache | None,
+    tokens: Int[Array, "B T"],
+    mask: Bool[Array, "B T"],
+    max_new: int,
+    temperature,
+    key,
 ) -> Int[Array, "B N"]:
     B, T = tokens.shape
+    shared = None if prefix is None else broadcast_cache(prefix, B)
     pre = forward(
-        cfg, params, tokens, mask, logit_positions=jnp.full((B, 1), T - 1), return_kv=True
+        cfg,
+        params,
+        tokens,
+        mask,
+        logit_positions=jnp.full((B, 1), T - 1),
+        cache=shared,
+        return_kv=True,
     )
     k, v = pre.kv  # [L B T G K]
+    if shared is not None:  # the buffer holds context | prompt | generated tokens
+        k = jnp.concatenate([shared.k.astype(k.dtype), k], axis=2)
+        v = jnp.concatenate([shared.v.astype(v.dtype), v], axis=2)
+        mask = jnp.concatenate([shared.mask, mask], axis=1)
+    start = k.shape[2]
     pad = ((0, 0), (0, 0), (0, max_new), (0, 0), (0, 0))
     cache = KVCache(jnp.pad(k, pad), jnp.pad(v, pad), jnp.pad(mask, ((0, 0), (0, max_new))))
 
@@ -68,15 +135,15 @@ def _generate(
         cache, logits, key = carry
         key, sub = jax.random.split(key)
         tok = pick(logits, sub)
-        slot = jnp.zeros_like(cache.mask).at[:, T + i].set(True)
+        slot = jnp.zeros_like(cache.mask).at[:, start + i].set(True)
         # The new token attends to the cache (which does not yet hold it) and to itself.
         out = forward(
             cfg, params, tok[:, None], jnp.ones((B, 1), bool), cache=cache, return_kv=True
         )
         nk, nv = out.kv
         cache = KVCache(
-            jax.lax.dynamic_update_slice_in_dim(cache.k, nk.astype(cache.k.dtype), T + i, 2),
-            jax.lax.dynamic_update_slice_in_dim(cache.v, nv.astype(cache.v.dtype), T + i, 2),
+            jax.lax.dynamic_update_slice_in_dim(cache.k, nk.astype(cache.k.dtype), start + i, 2),
+            jax.lax.dynamic_update_slice_in_dim(cache.v, nv.astype(cache.v.dtype), start + i, 2),
             cache.mask | slot,
         )
         return (cache, out.logits[:, 0], key), tok
@@ -92,16 +159,24 @@ def generate(
     temperature: float = 0.0,
     seed: int = 0,
 ) -> str:
-    """Greedy (temperature 0) or sampled continuation; stops at EOS."""
+    """Greedy (temperature 0) or sampled continuation of [context +] prompt; stops at EOS."""
     if not prompt:
         raise InputError("empty prompt")
     if max_new_tokens <= 0:
         raise InputError("--max-new-tokens must be positive")
-    b = lm.tokenizer.batch([prompt], padding="left")
+    prefix, rows = _rows(lm, [prompt], extra_tokens=max_new_tokens)
+    used = (0 if prefix is None else prefix.n_tokens) + len(rows[0]) + max_new_tokens
+    if used > lm.config.max_positions:
+        raise InputError(
+            f"prompt and {max_new_tokens} new tokens need {used} positions, more than the "
+            f"model's {lm.config.max_positions}"
+        )
+    b = lm.tokenizer.batch(rows, padding="left")
     toks = np.asarray(
         _generate(
             lm.config,
             lm.params,
+            _kv(prefix),
             jnp.asarray(b.tokens),
             jnp.asarray(b.mask),
             max_new_tokens,
