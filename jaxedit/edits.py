@@ -189,11 +189,15 @@ class ContextEdit:
     kind = "context"
 
     def compose(self, later: ContextEdit) -> ContextEdit:
-        """All facts so far; demonstrations of both (duplicates once), re-fitted at render."""
+        """All facts so far; demonstrations of both (duplicates once) merged least similar
+        first, re-fitted at render."""
         if not isinstance(later, ContextEdit):
             raise InputError("a context edit composes only with another context edit")
         seen = {d.text for d in later.demonstrations}
         demos = tuple(d for d in self.demonstrations if d.text not in seen) + later.demonstrations
+        # Merged by similarity (a stable sort: ties keep the earlier edit's first), so that
+        # `fit`, which drops from the front, drops the least similar of all edits' first.
+        demos = tuple(sorted(demos, key=lambda d: d.similarity))
         return ContextEdit(
             self.facts + later.facts,
             demos,
