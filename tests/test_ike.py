@@ -1,17 +1,19 @@
-"""IKE: demonstration format (golden), retrieval, pool-embedding cache, bad input, the method."""
+"""IKE: demonstration format, selection, retrieval, the pool-embedding cache, bad input, the
+method through the protocol, the edited fact's own copy demonstration, sequential edits."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-import warnings
 
 import numpy as np
 import pytest
 
-from jaxedit.methods import legacy as methods
-from jaxedit.errors import InputError
+import jaxedit as je
+from jaxedit.errors import ConfigError, InputError
 from jaxedit.methods import ike
+from jaxedit.methods import ike_retrieval as retrieval
+from jaxedit.models.generate import next_token_logprobs
 from jaxedit.requests import EditRequest, Probe
 
 
@@ -60,6 +62,15 @@ EDIT = _req(
     ["The Eiffel Tower can be found in"],
     [("The Louvre is located in the city of", "Paris")],
 )
+EDIT2 = _req(
+    "{} plays the",
+    "Lionel Messi",
+    "violin",
+    "football",
+    ["Lionel Messi is a musician who plays the"],
+    [("Jimi Hendrix plays the", "guitar")],
+)
+F_EDIT = "The Eiffel Tower is located in the city of Rome"
 
 
 class FakeEmbedder:
@@ -76,22 +87,28 @@ class FakeEmbedder:
         return np.array([self.table[t] for t in texts], np.float32)
 
 
-# Query (the edit's fact) is nearest to the Colosseum record, then piano, then mother tongue.
+# The edit's fact is nearest to the Colosseum record, then piano, then mother tongue; the second
+# edit's fact (Messi) is nearest to piano, then mother tongue, then the Colosseum.
 VECS = {
     ike.fact(POOL[0]): [1.0, 0.1, 0.0],
     ike.fact(POOL[1]): [0.0, 1.0, 0.0],
     ike.fact(POOL[2]): [0.6, 0.0, 0.8],
     ike.fact(EDIT): [1.0, 0.0, 0.0],
+    ike.fact(EDIT2): [0.0, 0.45, 0.9],
 }
 
 
-def _ike(k, mix=(1, 1, 1), zero=False, max_tokens=None):
-    pool = ike.Pool.from_requests(POOL)
-    retr = ike.EmbeddingRetriever(
-        FakeEmbedder(VECS), np.array([VECS[t] for t in pool.keys()]), center=False
+def _state(**hp) -> ike.IKEState:
+    pool = retrieval.Pool.from_requests(POOL)
+    keys = [ike.fact(r) for r in POOL]
+    retr = retrieval.EmbeddingRetriever(
+        FakeEmbedder(VECS), np.array([VECS[t] for t in keys]), center=False
     )
-    hp = ike.IKEParams(k=k, mix=mix, zero_demo=zero, max_tokens=max_tokens)
-    return ike.IKE(pool, retr, hp)
+    return ike.IKEState(ike.IKEHparams(**{"k": 3, "mix": (1, 1, 1), **hp}), pool, retr)
+
+
+def _compute(lm, reqs=(EDIT,), **hp):
+    return ike.METHOD.compute(lm, _state(**hp), list(reqs))
 
 
 # ----------------------------------------------------------------------------- format
@@ -107,32 +124,45 @@ def test_demonstration_strings():
     ]
 
 
-def test_golden_prompt(smollm):
-    """k = 3 with a 1:1:1 mix on the hand-made pool: the exact prefix, least similar first."""
-    res = _ike(3)(smollm, [EDIT])
-    golden = (
-        "New Fact: The mother tongue of Danielle Darrieux is English\n"
-        "Prompt: The mother tongue of Danielle Darrieux is English\n\n"  # copy
-        "New Fact: Toko Yasuda plays the piano\n"
-        "Prompt: Jimi Hendrix plays the guitar\n\n"  # retain: neighbour + its true answer
-        "New Fact: The Colosseum is located in the city of London\n"
-        "Prompt: Where is the Colosseum? It is in London\n\n"  # update: paraphrase + new
-        "New Fact: The Eiffel Tower is located in the city of Rome\n"
-        "Prompt: "
-    )
-    assert res.context == golden
-    demos = res.record["demonstrations"]
-    assert [d["pool_index"] for d in demos] == [1, 2, 0]  # ascending similarity
-    assert sorted(d["kind"] for d in demos) == ["copy", "retain", "update"]
-    assert res.context == "".join(d["text"] for d in demos) + ike.query_head([EDIT])
-    assert res.model is smollm  # no weight change
-    assert res.summary["k"] == 3 and res.summary["dropped"] == 0
+RETRIEVED = (
+    "New Fact: The mother tongue of Danielle Darrieux is English\n"
+    "Prompt: The mother tongue of Danielle Darrieux is English\n\n"  # copy
+    "New Fact: Toko Yasuda plays the piano\n"
+    "Prompt: Jimi Hendrix plays the guitar\n\n"  # retain: neighbour + its true answer
+    "New Fact: The Colosseum is located in the city of London\n"
+    "Prompt: Where is the Colosseum? It is in London\n\n"  # update: paraphrase + new
+)
+OWN = f"New Fact: {F_EDIT}\nPrompt: {F_EDIT}\n\n"
+HEAD = f"New Fact: {F_EDIT}\nPrompt: "
 
 
-def test_zero_demo(smollm):
-    res = _ike(3, zero=True)(smollm, [EDIT])
-    assert res.context == "New Fact: The Eiffel Tower is located in the city of Rome\nPrompt: "
-    assert res.record["demonstrations"] == []
+def test_golden_context_with_the_facts_own_copy(smollm):
+    """k = 3, mix 1:1:1 on the hand-made pool: least similar first, then the edited fact's own
+    copy demonstration (the paper's icl.py appends it; the old code left it out), then the
+    fact and the query lead."""
+    edit, info = _compute(smollm)
+    assert isinstance(edit, je.ContextEdit) and edit.facts == (F_EDIT,)
+    assert edit.render(smollm.tokenizer, 10_000) == RETRIEVED + OWN + HEAD
+    assert [d.source for d in edit.demonstrations] == [1, 2, 0, -1]  # ascending similarity
+    sims = [d.similarity for d in edit.demonstrations]
+    assert sims == sorted(sims) and sims[-1] == 1.0
+    assert info["k"] == 4 and info["own_copy"] and info["dropped"] == 0
+    assert (info["n_copy"], info["n_update"], info["n_retain"]) == (2, 1, 1)
+    assert info["context_tokens"] == len(smollm.tokenizer.encode(RETRIEVED + OWN + HEAD))
+
+
+def test_copy_own_fact_off(smollm):
+    edit, info = _compute(smollm, copy_own_fact=False)
+    assert edit.render(smollm.tokenizer, 10_000) == RETRIEVED + HEAD
+    assert not info["own_copy"] and info["k"] == 3
+
+
+def test_zero_demo_and_k0(smollm):
+    zero, info = _compute(smollm, zero_demo=True)
+    assert zero.demonstrations == () and info["zero_demo"]
+    assert zero.render(smollm.tokenizer, 10_000) == HEAD
+    own_only, _ = _compute(smollm, k=0)
+    assert own_only.render(smollm.tokenizer, 10_000) == OWN + HEAD
 
 
 def test_mix_counts():
@@ -146,10 +176,26 @@ def test_mix_counts():
 
 
 def test_kinds_follow_mix_and_seed(smollm):
-    a = _ike(3, mix=(0, 0, 1))(smollm, [EDIT])
-    assert [d["kind"] for d in a.record["demonstrations"]] == ["retain"] * 3
-    b = _ike(3)(smollm, [EDIT])
-    assert b.context == _ike(3)(smollm, [EDIT]).context  # deterministic per edit and seed
+    a, _ = _compute(smollm, mix=(0, 0, 1), copy_own_fact=False)
+    assert [d.kind for d in a.demonstrations] == ["retain"] * 3
+    b, _ = _compute(smollm)
+    assert b == _compute(smollm)[0]  # deterministic per edit and seed
+    kinds = {tuple(d.kind for d in _compute(smollm, seed=s)[0].demonstrations) for s in range(8)}
+    assert len(kinds) > 1  # the seed moves the kinds
+
+
+def test_reserve_tokens_cover_the_longest_query(smollm):
+    edit, _ = _compute(smollm)
+    tok = smollm.tokenizer
+    longest = max(
+        len(tok.encode_continuation(" " + t))
+        for t in [
+            "The Eiffel Tower is located in the city of Rome",
+            "The Eiffel Tower can be found in Paris",
+            "The Louvre is located in the city of Rome",
+        ]
+    )
+    assert edit.reserve_tokens == longest
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -161,7 +207,7 @@ def test_retrieval_true_nearest_neighbours():
     texts = [f"t{i}" for i in range(40)]
     emb = FakeEmbedder({**dict(zip(texts, vecs.tolist(), strict=True)), "q": vecs[7] + 0.1})
     for center in (False, True):
-        r = ike.EmbeddingRetriever(emb, vecs, center=center)
+        r = retrieval.EmbeddingRetriever(emb, vecs, center=center)
         sim = r.similarity(["q"])[0]
         mean = vecs.mean(0) if center else 0
         x, q = vecs - mean, vecs[7] + 0.1 - mean
@@ -171,6 +217,12 @@ def test_retrieval_true_nearest_neighbours():
         assert list(np.argsort(-sim)[:5]) == list(np.argsort(-want)[:5])
 
 
+def test_nearest_skips_the_edits_own_record():
+    pool = retrieval.Pool.from_requests([*POOL, EDIT])
+    sim = np.array([0.5, 0.1, 0.3, 1.0])
+    assert ike.nearest(EDIT, pool, sim, 3) == [0, 2, 1]
+
+
 def test_tfidf_retrieval():
     pool = [
         "The capital of France is Paris",
@@ -178,7 +230,7 @@ def test_tfidf_retrieval():
         "The capital of Italy is Rome",
         "Toko Yasuda plays the guitar",
     ]
-    r = ike.TfidfRetriever(pool)
+    r = retrieval.TfidfRetriever(pool)
     sim = r.similarity(["The capital of Spain is Madrid", "Who plays basketball"])
     assert set(np.argsort(-sim[0])[:2]) == {0, 2}
     assert int(np.argmax(sim[1])) == 1
@@ -203,11 +255,11 @@ def test_hidden_state_embedder_neighbours(smollm):
         "Roger Federer plays tennis",
         "The mother tongue of Danielle Darrieux is English",
     ]
-    emb = ike.HiddenStateEmbedder(smollm, layer=4)
+    emb = retrieval.HiddenStateEmbedder(smollm, layer=4)
     vecs = emb(pool)
     assert vecs.shape == (9, smollm.config.d_model)
     np.testing.assert_allclose(emb(pool[:1])[0], vecs[0], atol=1e-4)  # batch-independent
-    sim = ike.EmbeddingRetriever(emb, vecs).similarity(queries)
+    sim = retrieval.EmbeddingRetriever(emb, vecs).similarity(queries)
     for theme, row in enumerate(sim):
         assert set(np.argsort(-row)[:3]) == {3 * theme, 3 * theme + 1, 3 * theme + 2}
 
@@ -215,53 +267,53 @@ def test_hidden_state_embedder_neighbours(smollm):
 def test_pool_cache_is_reused_and_keyed(tmp_path):
     emb = FakeEmbedder(VECS)
     texts = list(VECS)[:3]
-    a = ike.cached_embeddings(emb, texts, "digest-a", tmp_path)
-    b = ike.cached_embeddings(emb, texts, "digest-a", tmp_path)
+    a = retrieval.cached_embeddings(emb, texts, "digest-a", tmp_path)
+    b = retrieval.cached_embeddings(emb, texts, "digest-a", tmp_path)
     assert emb.calls == 1
     np.testing.assert_array_equal(a, b)
-    ike.cached_embeddings(emb, texts, "digest-b", tmp_path)  # another pool file: recompute
+    retrieval.cached_embeddings(emb, texts, "digest-b", tmp_path)  # another pool file: recompute
     assert emb.calls == 2
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 2 and all(f.endswith(".npz") for f in files)  # no temporaries left
     (tmp_path / files[0]).write_bytes(b"garbage")  # a corrupt cache is recomputed
-    ike.cached_embeddings(emb, texts, "digest-a", tmp_path)
-    ike.cached_embeddings(emb, texts, "digest-b", tmp_path)
+    retrieval.cached_embeddings(emb, texts, "digest-a", tmp_path)
+    retrieval.cached_embeddings(emb, texts, "digest-b", tmp_path)
     assert emb.calls == 3
 
 
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_empty_pool():
+def test_bad_hparams_and_pools(tmp_path, smollm):
+    m = je.methods.get("ike")
+    for bad in [{"k": -1}, {"mix": (1, 2)}, {"embedder": "bert"}, {"max_context": 0}]:
+        with pytest.raises(ConfigError):
+            m.hparams("smollm2-135m", **bad)
+    with pytest.raises(ConfigError, match="unknown"):
+        m.hparams("smollm2-135m", demo="x.json")
+    with pytest.raises(InputError, match="demos=PATH"):
+        m.prepare(smollm, m.hparams("smollm2-135m"))
+    with pytest.raises(InputError, match="cannot read"):
+        m.prepare(smollm, m.hparams("smollm2-135m", demos=str(tmp_path / "missing.json")))
     with pytest.raises(InputError):
-        ike.IKE(ike.Pool.from_requests([]), None, ike.IKEParams())
+        retrieval.TfidfRetriever([])
     with pytest.raises(InputError):
-        ike.TfidfRetriever([])
-    with pytest.raises(InputError):
-        ike.EmbeddingRetriever(FakeEmbedder({}), np.zeros((0, 3)))
-
-
-def test_k_larger_than_pool(smollm):
-    with pytest.warns(UserWarning, match="pool size"):
-        res = _ike(10)(smollm, [EDIT])
-    assert res.summary["k"] == len(POOL)
+        retrieval.EmbeddingRetriever(FakeEmbedder({}), np.zeros((0, 3)))
 
 
 def test_context_too_long_drops_least_similar_demos(smollm):
-    full = _ike(3)(smollm, [EDIT])
-    n = full.summary["context_tokens"]
-    with pytest.warns(UserWarning, match="dropped"):
-        res = _ike(3, max_tokens=n)(smollm, [EDIT])  # context alone fits, queries do not
-    assert 0 < res.summary["dropped"] <= 3
-    kept = res.record["demonstrations"]
-    # The most similar demonstrations stay; the fact and the query head are intact.
-    assert [d["pool_index"] for d in kept] == [1, 2, 0][res.summary["dropped"] :]
-    assert res.context.endswith(ike.query_head([EDIT]))
-    with pytest.raises(InputError, match="new fact and query"):
-        _ike(3, max_tokens=10)(smollm, [EDIT])
+    full, info = _compute(smollm)
+    n = info["context_tokens"]  # the context alone fits, the queries then do not
+    edit, info = _compute(smollm, max_context=n)
+    assert 0 < info["dropped"] <= 4
+    # The most similar demonstrations stay (the own copy last of all); the fact is intact.
+    assert edit.demonstrations == full.demonstrations[info["dropped"] :]
+    assert edit.render(smollm.tokenizer, n).endswith(HEAD)
+    with pytest.raises(InputError, match="more than"):
+        _compute(smollm, max_context=10)
 
 
-# ----------------------------------------------------------------------------- the method
+# ----------------------------------------------------------------------------- the protocol
 
 
 def _pool_file(tmp_path):
@@ -283,35 +335,79 @@ def _pool_file(tmp_path):
     return str(path)
 
 
-def test_registered_method(smollm, tmp_path):
-    m = methods.get("ike")
-    p = argparse.ArgumentParser()
-    m.add_arguments(p)
-    args = p.parse_args(["--demos", _pool_file(tmp_path), "--k", "2", "--embedder", "tfidf"])
-    edit = m.prepare(smollm, args)
-    res = edit(smollm, [EDIT])
-    assert res.summary["k"] == 2
-    assert res.context.endswith(
-        "New Fact: The Eiffel Tower is located in the city of Rome\nPrompt: "
+def test_protocol_on_the_hand_made_pool(smollm, tmp_path):
+    m = je.methods.get("ike")
+    hp = m.hparams("smollm2-135m", demos=_pool_file(tmp_path), k=2, embedder="tfidf")
+    edit, info = m.compute(smollm, m.prepare(smollm, hp), [EDIT])
+    assert info["k"] == 3 and info["own_copy"]
+    # TF-IDF: the Colosseum record shares "is located in the city of" with the edit; it sits
+    # right before the edit's own copy.
+    assert [d.source for d in edit.demonstrations][-2:] == [0, -1]
+    lm2 = je.apply(smollm, edit)
+    assert smollm.context is None and lm2.params is smollm.params
+    assert lm2.context_text() == edit.render(smollm.tokenizer, smollm.config.max_positions)
+
+
+def test_protocol_raises_p_rome(smollm, data_dir):
+    """The acceptance path: hparams -> prepare -> compute -> apply, with the preset (k = 8,
+    the own copy) on CounterFact's training split; the edited model (its context in a KV
+    cache) puts more mass on " Rome" after the rewrite prompt (measured: -5.17 -> -3.51)."""
+    m = je.methods.get("ike")
+    pool = f"{data_dir}/counterfact/counterfact-train.json"
+    hp = m.hparams("smollm2-135m", demos=pool, pool_size=2000, embedder="tfidf")
+    req = je.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
+    edit, info = m.compute(smollm, m.prepare(smollm, hp), [req])
+    assert info["k"] == 9 and info["dropped"] == 0
+    rome = smollm.tokenizer.encode_continuation(" Rome")[0]
+    before = float(next_token_logprobs(smollm, [req.rewrite_prompt])[0, rome])
+    after = float(next_token_logprobs(je.apply(smollm, edit), [req.rewrite_prompt])[0, rome])
+    assert after > before + 1.0
+
+
+def test_prepare_caches_pool_embeddings_under_cache_dir(smollm, tmp_path):
+    m = je.methods.get("ike")
+    hp = m.hparams("smollm2-135m", demos=_pool_file(tmp_path), k=2)
+    cache = tmp_path / "cache"
+    a = m.prepare(smollm, hp, cache_dir=str(cache))
+    (f,) = cache.iterdir()
+    stamp = f.stat().st_mtime_ns
+    b = m.prepare(smollm, hp, cache_dir=str(cache))
+    assert [p.name for p in cache.iterdir()] == [f.name] and f.stat().st_mtime_ns == stamp
+    np.testing.assert_array_equal(a.retriever.pool, b.retriever.pool)
+    with pytest.warns(UserWarning, match="pool size"):
+        m.prepare(smollm, dataclasses.replace(hp, k=10, embedder="tfidf"))
+
+
+# ----------------------------------------------------------------------------- sequential
+
+
+def test_sequential_edits_compose_into_one_well_formed_context(smollm):
+    """Two IKE edits in sequence give one context: every demonstration, then both facts, then
+    one query lead (the old runner joined two contexts into "…Prompt: New Fact: …"); it fits
+    the model, and a shorter model drops the least similar demonstrations of both edits first."""
+    tok = smollm.tokenizer
+    e1, _ = _compute(smollm, [EDIT])
+    e2, _ = _compute(smollm, [EDIT2])
+    lm2 = je.apply(je.apply(smollm, e1), e2)
+    text = lm2.context_text()
+    f2 = ike.fact(EDIT2)
+    assert text.endswith(f"\nNew Fact: {F_EDIT}\nNew Fact: {f2}\nPrompt: ")
+    assert "Prompt: New Fact" not in text
+    demos = lm2.context.demonstrations
+    assert text.count("Prompt: ") == len(demos) + 1
+    assert {d.text for d in demos} == {d.text for d in e1.demonstrations + e2.demonstrations}
+    assert len(tok.encode(text)) + lm2.context.reserve_tokens <= smollm.config.max_positions
+
+    # A model whose length leaves room for only three demonstrations keeps the three most
+    # similar of both edits (the two own copies, similarity 1, and the next one).
+    by_sim = sorted(demos, key=lambda d: d.similarity)
+    keep = by_sim[-3:]
+    head = e1.compose(e2).head()
+    need = len(tok.encode("".join(d.text for d in demos if d in keep) + head))
+    short = dataclasses.replace(
+        lm2, config=dataclasses.replace(smollm.config, max_positions=need + e2.reserve_tokens)
     )
-    # TF-IDF: the Colosseum record shares "is located in the city of" with the edit.
-    assert res.record["demonstrations"][-1]["pool_index"] == 0
-    with pytest.raises(InputError, match="--demos"):
-        m.prepare(smollm, p.parse_args([]))
-    with pytest.raises(InputError):
-        m.prepare(smollm, p.parse_args(["--demos", str(tmp_path / "missing.json")]))
-    zero = m.prepare(smollm, p.parse_args(["--zero-demo"]))(smollm, [EDIT])
-    assert zero.record["demonstrations"] == []
-
-
-def test_context_moves_the_model_to_the_new_fact(smollm):
-    """The point of IKE: after the context, the new object is likelier on the rewrite prompt."""
-    from jaxedit.eval import scoring as metrics
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = _ike(3)(smollm, [EDIT])
-    p = [EDIT.rewrite_prompt]
-    plain = metrics.score_targets(smollm, p, [EDIT.target_new])
-    edited = metrics.score_targets(smollm, p, [EDIT.target_new], prefix=res.context)
-    assert edited.nll[0] < plain.nll[0]
+    kept, dropped = short.context.fit(tok, short.config.max_positions)
+    assert dropped == len(demos) - 3
+    assert sorted(kept, key=lambda d: d.similarity) == sorted(keep, key=lambda d: d.similarity)
+    assert short.context_text().endswith(f"New Fact: {F_EDIT}\nNew Fact: {f2}\nPrompt: ")
