@@ -1,9 +1,12 @@
-"""Key second-moment statistics: streaming = one-shot, 8 devices = 1, cache validation."""
+"""Key second-moment statistics: streaming = one-shot, 8 devices = 1, cache validation, the hub
+corpora's seeded article sample (on a local stand-in: tests never download)."""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -14,10 +17,11 @@ import numpy as np
 import pytest
 from conftest import tiny_llama_config
 
+from jaxedit import stats
 from jaxedit.errors import CheckpointError, InputError
 from jaxedit.models.lm import LanguageModel
 from jaxedit.models.transformer import forward_jit, init_params
-from jaxedit.stats import second_moment as stats
+from jaxedit.stats.second_moment import second_moment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,9 +34,11 @@ def tiny_lm(seed: int = 0) -> LanguageModel:
     return LanguageModel("tiny", cfg, init_params(cfg, seed), tok)
 
 
-def random_docs(n: int, seed: int = 0, lo: int = 3, hi: int = 40) -> list[list[int]]:
+def random_docs(n: int, seed: int = 0) -> list[list[int]]:
+    """Documents of a few lengths that fill their shape buckets unevenly (the reference runs
+    each alone, so few distinct lengths keep its compiles few)."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(3, 64, rng.integers(lo, hi)).tolist() for _ in range(n)]
+    return [rng.integers(3, 64, rng.choice([3, 7, 13, 29, 39])).tolist() for _ in range(n)]
 
 
 def one_shot(lm: LanguageModel, layer: int, docs: list[list[int]]) -> np.ndarray:
@@ -49,8 +55,8 @@ def test_streaming_equals_one_shot_tiny():
     lm = tiny_lm()
     docs = random_docs(30)
     ref = one_shot(lm, 1, docs)
-    small, n_small = stats.second_moment(lm, 1, docs, batch_tokens=64)  # many small batches
-    big, n_big = stats.second_moment(lm, 1, docs, batch_tokens=1 << 16)  # one batch
+    small, n_small = second_moment(lm, 1, docs, batch_tokens=64)  # many small batches
+    big, n_big = second_moment(lm, 1, docs, batch_tokens=1 << 16)  # one batch
     assert n_small == n_big == sum(map(len, docs))
     np.testing.assert_allclose(small, ref, rtol=2e-5, atol=1e-7)
     np.testing.assert_allclose(big, ref, rtol=2e-5, atol=1e-7)
@@ -60,7 +66,7 @@ def test_streaming_equals_one_shot_smollm(smollm, data_dir):
     corpus = os.path.join(data_dir, "wikitext", "wiki.test.raw")
     c = stats.load_corpus(smollm, corpus, n_tokens=300, max_len=48)
     assert sum(map(len, c.docs)) == 300 and c.fingerprint.startswith("file-")
-    streamed, n = stats.second_moment(smollm, 2, c.docs, batch_tokens=96)
+    streamed, n = second_moment(smollm, 2, c.docs, batch_tokens=96)
     assert n == 300
     ref = one_shot(smollm, 2, c.docs)
     # padded batches vs unpadded single rows: fp32 rounding only, relative to C's scale
@@ -74,13 +80,14 @@ def test_eight_simulated_devices_equal_one():
         import jax
         sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
         from test_stats import tiny_lm, random_docs
-        from jaxedit.stats import second_moment as stats
+        from jaxedit import stats
+        from jaxedit.stats.second_moment import second_moment
         import numpy as np
         assert jax.local_device_count() == 8, jax.local_device_count()
         lm = tiny_lm()
         docs = random_docs(50, seed=1)
-        c8, n8 = stats.second_moment(lm, 2, docs, batch_tokens=256)
-        c1, n1 = stats.second_moment(lm, 2, docs, batch_tokens=256, devices=jax.devices()[:1])
+        c8, n8 = second_moment(lm, 2, docs, batch_tokens=256)
+        c1, n1 = second_moment(lm, 2, docs, batch_tokens=256, devices=jax.devices()[:1])
         print(json.dumps({{"n8": n8, "n1": n1, "mesh": stats.data_mesh().devices.size,
                            "err": float(np.max(np.abs(c8 - c1)) / np.max(np.abs(c1)))}}))
         """
@@ -188,3 +195,67 @@ class _WordTok:
 
     def encode(self, text: str) -> list[int]:
         return [3 + (sum(map(ord, w)) % 60) for w in text.split()]
+
+
+# ----------------------------------------------------------------------------- hub corpora
+
+
+class _StandIn:
+    """A local stand-in for a hub data set: n rows {"text": "doc i word ..."}, every 7th blank;
+    records which data set was asked for."""
+
+    def __init__(self, n: int):
+        self.rows = [
+            {"text": "" if i % 7 == 3 else f"doc {i} " + "word " * (1 + i % 5)} for i in range(n)
+        ]
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, name: str, config: str):
+        self.calls.append((name, config))
+        return self.rows
+
+
+class _DocTok(_WordTok):
+    """Reads "doc N w w" as [N, 5, 5]: which row a document came from stays visible."""
+
+    def encode(self, text: str) -> list[int]:
+        words = text.split()
+        return [int(words[1]), *[5] * (len(words) - 2)]
+
+
+def test_wikipedia_is_the_maintained_dump_sampled_at_random():
+    loader = _StandIn(200)
+    lm = LanguageModel("t", tiny_lm().config, tiny_lm().params, _DocTok())
+    kw = dict(max_len=64, dataset_loader=loader)
+    c = stats.load_corpus(lm, "wikipedia", n_samples=20, seed=1, **kw)
+    ((name, config),) = loader.calls
+    assert name == "wikimedia/wikipedia" and re.fullmatch(r"20\d{6}\.en", config)
+    picked = [d[0] for d in c.docs]
+    assert len(picked) == 20 == len(set(picked))
+    # a seeded random sample of rows in the order of the reference's FixedRandomSubsetSampler
+    # (all indices shuffled by random.Random(seed)), blank rows skipped: not the first articles
+    order = list(range(len(loader.rows)))
+    random.Random(1).shuffle(order)
+    assert picked == [i for i in order if loader.rows[i]["text"].strip()][:20]
+    assert picked != sorted(picked) and max(picked) > 100
+    again = stats.load_corpus(lm, "wikipedia", n_samples=20, seed=1, **kw)
+    other = stats.load_corpus(lm, "wikipedia", n_samples=20, seed=2, **kw)
+    assert again.docs == c.docs and other.docs != c.docs
+    assert c.fingerprint != other.fingerprint  # another sample, another cache entry
+    # a token budget cuts the sample exactly; wikitext is sampled the same way
+    t = stats.load_corpus(lm, "wikitext", n_tokens=50, seed=1, **kw)
+    assert loader.calls[-1] == stats.HF_CORPORA["wikitext"]
+    assert sum(map(len, t.docs)) == 50 and t.docs[0] == c.docs[0]
+
+
+def test_hub_statistics_are_cached_per_sample(tmp_path):
+    loader = _StandIn(60)  # ids < 60: inside the tiny model's vocabulary
+    lm = LanguageModel("t", tiny_lm().config, tiny_lm().params, _DocTok())
+    kw = dict(n_tokens=120, max_len=16, cache_dir=tmp_path, dataset_loader=loader)
+    a = stats.layer_stats(lm, 1, "wikipedia", seed=0, **kw)
+    b = stats.layer_stats(lm, 1, "wikipedia", seed=5, **kw)
+    assert a.count == b.count == 120
+    assert a.meta["cache"] != b.meta["cache"] and not b.meta["from_cache"]
+    assert not np.allclose(a.mom2, b.mom2)
+    assert stats.layer_stats(lm, 1, "wikipedia", seed=0, **kw).meta["from_cache"]
+    assert len(loader.calls) == 2  # the cached one did not read the data set

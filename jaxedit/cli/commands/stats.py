@@ -6,8 +6,8 @@ import time
 
 import numpy as np
 
+from jaxedit import stats
 from jaxedit.cli.shared import load_model
-from jaxedit.stats import second_moment as stats
 
 NAME = "stats"
 HELP = "compute (or load from the cache) the key second moment C = E[k kᵀ] of a layer"
@@ -18,10 +18,16 @@ def add_arguments(p):
     p.add_argument(
         "--corpus",
         default="self",
-        help="self (text sampled from the model, offline), wikitext, wikipedia (HF datasets, "
-        "online), or a text / JSONL file or folder (default: self)",
+        help="self (text sampled from the model, offline), wikitext or wikipedia (a seeded random "
+        "sample of WikiText-103 / wikimedia/wikipedia 20231101.en rows; HF datasets, online), "
+        "or a text / JSONL file or folder (default: self)",
     )
-    p.add_argument("--tokens", type=int, default=16384, help="number of tokens (default 16384)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=stats.DEFAULT_N_TOKENS,
+        help=f"number of tokens (default {stats.DEFAULT_N_TOKENS})",
+    )
     p.add_argument("--samples", type=int, default=None, help="at most this many documents")
     p.add_argument("--max-len", type=int, default=256, help="tokens per document (truncation)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -33,7 +39,12 @@ def add_arguments(p):
         action="store_true",
         help="refuse (instead of rebuild) a corrupt or mismatched cache file",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the `self` corpus sampling")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the `self` samples and of the wikitext / wikipedia article sample",
+    )
 
 
 def run(args) -> dict:

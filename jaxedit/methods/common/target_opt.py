@@ -1,0 +1,347 @@
+"""The target value: the vector δ that, added at one site of one layer at the subject's last
+token, makes the model say the new target (ROME's v* at `mlp_out`, MEMIT's z at `resid`).
+
+ROME (§3.1, eq. 4) and MEMIT (§4.2, eq. 16) minimise, over δ added at `site` of layer l at the
+last subject token of every prompt,
+
+    L(δ) = 1/N Σ_j −log p(target | x_j + prompt) / |target|         (teacher-forced)
+           + kl_factor · KL(p_δ(· | "{s} is a") ‖ p(· | "{s} is a"))  (at the subject token)
+           + weight_decay · ‖δ‖ / ‖v₀‖²,
+
+with v₀ the site's value at the last subject token of the bare prompt (row 0), by Adam,
+clamping ‖δ‖ ≤ clamp_norm_factor · ‖v₀‖ after each update, and stopping before the update once
+L < early_stop_loss or after `steps` loss evaluations. The target value is v* = v₀ + δ.
+
+How it runs: the whole loop is one `lax.while_loop` inside `jit`. Each step runs only what δ
+can change — blocks l..L-1 on the positions from each row's last subject token on — over the
+unedited model's keys/values of the earlier positions, computed once by `clean_run` (`Suffix`):
+positions before the subject token never attend to it (causal attention) and layers below l
+never see δ. Under `grad` the blocks keep only matmul outputs (`dots_saveable`, in
+`run_layers`). `optimise` is pure in arrays (no Python branching on values), so batches of
+requests of one shape can be `jax.vmap`ped through it.
+
+Deliberate differences from the reference: targets of 1..N tokens are padded to a power of two
+(weight 0) so that one compile serves them; ‖·‖ has gradient 0 at δ = 0 (as torch's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxedit.errors import InputError
+from jaxedit.io.tokenizer import fine_bucket
+from jaxedit.methods.common.keys import encode_at_subject, right_pad
+from jaxedit.models.config import ModelConfig
+from jaxedit.models.lm import LanguageModel
+from jaxedit.models.sites import SitePatch
+from jaxedit.models.transformer import KVCache, Params, forward, run_layers
+
+SITES = ("mlp_out", "resid", "attn_out")  # sites of width D where δ may be added
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    """The optimisation's settings, in the reference's names (ROME `v_*`, MEMIT the same)."""
+
+    steps: int = 20  # at most this many loss evaluations (steps - 1 updates)
+    lr: float = 0.5  # Adam learning rate
+    weight_decay: float = 0.5  # · ‖δ‖ / ‖v₀‖²
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖v₀‖
+    early_stop_loss: float = 5e-2
+
+    def arrays(self) -> dict:
+        """Traced values: changing a setting does not recompile."""
+        return {
+            "steps": jnp.int32(self.steps),
+            "lr": jnp.float32(self.lr),
+            "weight_decay": jnp.float32(self.weight_decay),
+            "kl_factor": jnp.float32(self.kl_factor),
+            "clamp_norm_factor": jnp.float32(self.clamp_norm_factor),
+            "early_stop_loss": jnp.float32(self.early_stop_loss),
+        }
+
+
+@dataclass(frozen=True)
+class TargetBatch:
+    """Rows template_j ∘ prompt(subject) + target[:-1] (j < R), then the KL rows."""
+
+    tokens: Int[np.ndarray, "B T"]
+    mask: Bool[np.ndarray, "B T"]
+    lookup: Int[np.ndarray, " B"]  # each row's last subject token
+    logit_pos: Int[np.ndarray, "B N"]  # positions whose logits predict the N target tokens
+    targets: Int[np.ndarray, "R N"]
+    weights: Float[np.ndarray, " N"]  # 1 for a real target token, 0 for padding
+
+
+def target_ids(tok, target: str) -> list[int]:
+    """The target as a continuation (a space is prepended when it has none, as ROME does)."""
+    if not target.strip():
+        raise InputError("empty target")
+    ids = tok.encode_continuation(target if target.startswith(" ") else " " + target)
+    if not ids:
+        raise InputError(f"target {target!r} tokenizes to nothing")
+    return ids
+
+
+def target_batch(
+    tok,
+    prompt: str,
+    subject: str,
+    target: str,
+    templates: tuple[str, ...],
+    kl_prompts: tuple[str, ...] = ("{} is a",),
+) -> TargetBatch:
+    tgt = target_ids(tok, target)
+    n = len(tgt)
+    N = 1 << (n - 1).bit_length()  # one compile for every target of n ≤ N tokens
+    rows, lookup, logit_pos = [], [], []
+    for t in templates:
+        ids, i = encode_at_subject(tok, t, prompt, subject)
+        lookup.append(i)
+        # teacher forcing; padded target slots repeat the last real position
+        logit_pos.append([len(ids) - 1 + min(j, n - 1) for j in range(N)])
+        rows.append(ids + tgt[:-1])
+    for kp in kl_prompts:
+        ids, i = encode_at_subject(tok, "{}", kp, subject)
+        rows.append(ids)
+        lookup.append(i)
+        logit_pos.append([i] * N)  # the next-token distribution at the subject
+    tokens, mask = right_pad(rows, tok.pad_id)
+    targets = np.tile(np.asarray(tgt + [tgt[-1]] * (N - n), np.int32), (len(templates), 1))
+    return TargetBatch(
+        tokens,
+        mask,
+        np.asarray(lookup, np.int32),
+        np.asarray(logit_pos, np.int32),
+        targets,
+        (np.arange(N) < n).astype(np.float32),
+    )
+
+
+class Suffix(NamedTuple):
+    """What δ can change: each row from its last subject token j_r on, at layers l..L-1.
+
+    Positions before j_r never attend to j_r and layers below l never see δ, so their states
+    are the unedited model's: computed once, then reused by every step as a key/value cache
+    (`cache`, valid before j_r) and as the input of block l (`h`).
+    """
+
+    h: Float[Array, "B S D"]  # input of block l at positions j_r .. j_r + S - 1
+    mask: Bool[Array, "B S"]  # real tokens of the suffix
+    positions: Int[Array, "B S"]  # their absolute positions
+    cache: KVCache  # the unedited keys/values of every layer, valid at positions < j_r
+    logit_pos: Int[Array, "B N"]  # target-predicting positions, in suffix coordinates
+
+
+def suffix_length(batch: TargetBatch) -> int:
+    """Positions from the subject token to the longest row's end, rounded to a fine bucket."""
+    return fine_bucket(int((batch.mask.sum(1) - batch.lookup).max()))
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def clean_run(
+    cfg: ModelConfig,
+    site: str,
+    layer: int,
+    S: int,
+    params: Params,
+    tokens: Int[Array, "B T"],
+    mask: Bool[Array, "B T"],
+    lookup: Int[Array, " B"],
+    logit_pos: Int[Array, "B N"],
+) -> tuple[Float[Array, "B D"], Float[Array, "B V"], Suffix]:
+    """The unedited run, once: the site's value at every row's subject token, the log-probs
+    at every row's first logit position (the KL rows' reference), and the `Suffix`."""
+    below = "embed" if layer == 0 else "resid"
+    out = forward(
+        cfg,
+        params,
+        tokens,
+        mask,
+        capture=tuple(dict.fromkeys((site, below))),
+        logit_positions=logit_pos,
+        return_kv=True,
+    )
+    B, T = tokens.shape
+    rows = jnp.arange(B)
+    values_bd = out.captured[site][layer][rows, lookup].astype(jnp.float32)
+    h_in = out.captured["embed"] if layer == 0 else out.captured["resid"][layer - 1]
+    pos = lookup[:, None] + jnp.arange(S)[None, :]  # [B S]
+    take = jnp.minimum(pos, T - 1)
+    suffix = Suffix(
+        h=jnp.take_along_axis(h_in, take[..., None], axis=1),
+        mask=jnp.take_along_axis(mask, take, axis=1) & (pos < T),
+        positions=pos,
+        cache=KVCache(*out.kv, mask & (jnp.arange(T)[None, :] < lookup[:, None])),
+        logit_pos=logit_pos - lookup[:, None],
+    )
+    logp_bv = jax.nn.log_softmax(out.logits[:, 0].astype(jnp.float32), axis=-1)
+    return values_bd, logp_bv, suffix
+
+
+def safe_norm(x: Float[Array, " D"]) -> Float[Array, ""]:
+    """‖x‖ with gradient 0 at x = 0 (as torch's), not NaN."""
+    sq = jnp.sum(x * x)
+    pos = sq > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+
+
+class OptResult(NamedTuple):
+    delta: Float[Array, " D"]
+    steps: Int[Array, ""]  # loss evaluations
+    loss: Float[Array, ""]  # at the last evaluation
+    nll: Float[Array, ""]
+    kl: Float[Array, ""]
+    weight_decay: Float[Array, ""]
+    target_prob: Float[Array, ""]  # mean over templates of exp(−mean token NLL)
+
+
+def optimise(
+    cfg: ModelConfig,
+    site: str,
+    layer: int,
+    params: Params,
+    suffix: Suffix,
+    targets: Int[Array, "R N"],
+    weights: Float[Array, " N"],
+    kl_init: Float[Array, "K V"],
+    v0: Float[Array, " D"],
+    hp: dict,
+) -> OptResult:
+    """δ minimising NLL + kl_factor·KL + weight decay by Adam in one `lax.while_loop`.
+
+    Each loss evaluation runs blocks l..L-1 on the suffixes only (`run_layers` over the
+    unedited prefix cache): exactly the full forward's logits at the target positions.
+    `hp` is `TargetSettings.arrays()`. Pure in its array arguments (vmappable)."""
+    B, S = suffix.mask.shape
+    R, K = targets.shape[0], kl_init.shape[0]
+    L, D = cfg.n_layers, cfg.d_model
+    # δ goes to `site` of `layer` at suffix position 0 = each row's last subject token.
+    patch_mask = jnp.broadcast_to(
+        (jnp.arange(L) == layer)[:, None, None] & (jnp.arange(S) == 0)[None, None, :], (L, B, S)
+    )
+    v0_norm = safe_norm(v0)
+
+    def loss_fn(delta):
+        value = jnp.broadcast_to(delta, (L, 1, S, D))
+        patch = {site: SitePatch(patch_mask, value, jnp.asarray(True))}
+        logits = run_layers(
+            cfg,
+            params,
+            suffix.h,
+            suffix.mask,
+            layer,
+            patch=patch,
+            logit_positions=suffix.logit_pos,
+            positions=suffix.positions,
+            cache=suffix.cache,
+        )
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B N V]
+        tok_logp = jnp.take_along_axis(logp[:R], targets[..., None], axis=-1)[..., 0]
+        nll_each = -jnp.sum(tok_logp * weights[None, :], -1) / jnp.sum(weights)  # target mean
+        nll = jnp.mean(nll_each)
+        kl_logp = logp[R : R + K, 0]  # [K V]
+        kl = jnp.sum(jnp.exp(kl_logp) * (kl_logp - kl_init)) / K  # KL(edited ‖ unedited)
+        decay = hp["weight_decay"] * safe_norm(delta) / v0_norm**2
+        loss = nll + hp["kl_factor"] * kl + decay
+        return loss, (nll, kl, decay, jnp.mean(jnp.exp(-nll_each)))
+
+    opt = optax.adam(hp["lr"])
+    delta0 = jnp.zeros((D,), jnp.float32)
+    zero = jnp.float32(0.0)
+    init = (jnp.int32(0), delta0, opt.init(delta0), jnp.bool_(False), (zero, (zero,) * 4))
+
+    def body(carry):
+        it, delta, opt_state, _, _ = carry
+        (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(delta)
+        # As the reference: check the loss first, stop before updating.
+        stop = (loss < hp["early_stop_loss"]) | (it >= hp["steps"] - 1)
+        updates, new_state = opt.update(grad, opt_state, delta)
+        new = optax.apply_updates(delta, updates)
+        max_norm = hp["clamp_norm_factor"] * v0_norm
+        new = new * jnp.minimum(1.0, max_norm / jnp.maximum(safe_norm(new), 1e-30))
+        keep = lambda a, b: jnp.where(stop, a, b)
+        return it + 1, keep(delta, new), jax.tree.map(keep, opt_state, new_state), stop, (loss, aux)
+
+    it, delta, _, _, (loss, aux) = jax.lax.while_loop(lambda c: ~c[3], body, init)
+    return OptResult(delta, it, loss, *aux)
+
+
+optimise_jit = jax.jit(optimise, static_argnums=(0, 1, 2))
+
+
+@dataclass(frozen=True)
+class TargetValue:
+    """v* = v0 + delta at `site` of `layer`, and how the optimisation went."""
+
+    site: str
+    layer: int
+    v0: Float[np.ndarray, " D"]  # float64
+    delta: Float[np.ndarray, " D"]  # float64
+    steps: int
+    loss: float
+    nll: float
+    kl: float
+    weight_decay: float
+    target_prob: float
+
+    @property
+    def v_star(self) -> Float[np.ndarray, " D"]:
+        return self.v0 + self.delta
+
+
+def target_value(
+    lm: LanguageModel,
+    site: str,
+    layer: int,
+    request,
+    templates: tuple[str, ...],
+    settings: TargetSettings,
+    kl_prompts: tuple[str, ...] = ("{} is a",),
+) -> TargetValue:
+    """Optimise δ for one request (`prompt`, `subject`, `target_new`) on `lm`."""
+    if site not in SITES:
+        raise InputError(f"target site {site!r}: one of {SITES}")
+    if not 0 <= layer < lm.config.n_layers:
+        raise InputError(f"layer {layer} out of range 0..{lm.config.n_layers - 1}")
+    b = target_batch(
+        lm.tokenizer, request.prompt, request.subject, request.target_new, templates, kl_prompts
+    )
+    values_bd, logp_bv, suffix = clean_run(
+        lm.config, site, layer, suffix_length(b), lm.params, b.tokens, b.mask, b.lookup, b.logit_pos
+    )
+    R = len(templates)
+    v0 = values_bd[0]  # the bare prompt's value (templates[0] is "{}")
+    r = optimise_jit(
+        lm.config,
+        site,
+        layer,
+        lm.params,
+        suffix,
+        jnp.asarray(b.targets),
+        jnp.asarray(b.weights),
+        logp_bv[R:],
+        v0,
+        settings.arrays(),
+    )
+    return TargetValue(
+        site,
+        layer,
+        np.asarray(v0, np.float64),
+        np.asarray(r.delta, np.float64),
+        int(r.steps),
+        float(r.loss),
+        float(r.nll),
+        float(r.kl),
+        float(r.weight_decay),
+        float(r.target_prob),
+    )
