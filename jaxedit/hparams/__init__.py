@@ -81,7 +81,7 @@ def preset_for_model(model: Any) -> str:
 
 def read(method: str, source: Any) -> tuple[dict[str, Any], str]:
     """(raw dict, where it came from) for a JSON path, a preset name or a model."""
-    text = str(source)
+    text = str(getattr(source, "name", source))  # a LanguageModel by the name it was loaded by
     path = Path(text).expanduser()
     if text.endswith(".json") and path.is_file():
         return _read_json(path), str(path)
