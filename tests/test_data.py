@@ -9,6 +9,7 @@ import pytest
 
 from jaxedit.errors import InputError
 from jaxedit.eval import datasets as data
+from jaxedit.eval.datasets.snippets import load_snippets
 
 
 def path(data_dir, *p):
@@ -42,6 +43,8 @@ def test_counterfact_rome_form(data_dir):
     assert all(p.answers == ("Switzerland",) for p in r.neighborhood)
     assert len(r.generation_prompts) == 10
     assert r.extra["relation_id"] == "P27"
+    # the Wikidata ids that select the case's attribute snippets (consistency references)
+    assert (r.extra["target_new_id"], r.extra["target_true_id"]) == ("Q31", "Q39")
 
 
 def test_zsre_with_portability(data_dir):
@@ -93,6 +96,7 @@ def test_mquake_groups(data_dir):
     assert not g[0].portability and g[-1].portability[0].kind == "multi_hop"
     assert g[-1].portability[0].answers[0] == "Arabic"
     assert g[0].paraphrase_prompts == ("Who performed Hey Jude?",)
+    assert g[0].extra["relation_id"] == "P175" and g[0].extra["target_new_id"] == "Q1744"
 
 
 def test_known_1000_is_refused_clearly(data_dir):
@@ -172,3 +176,66 @@ def test_bad_arguments(tmp_path):
 def test_jsonl_and_explicit_format(tmp_path):
     f = write(tmp_path, json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n", "d.jsonl")
     assert len(data.load(f, format="counterfact")) == 2
+
+
+# ----------------------------------------------------------------------------- snippets
+
+
+def snippets_file(tmp_path, entries) -> str:
+    return write(tmp_path, entries, "attribute_snippets.json")
+
+
+def test_snippets_select_references_by_relation_and_new_target(data_dir, tmp_path):
+    """ROME: references = snips[relation_id][target_new id] (other subjects with that object)."""
+    ds = data.load(path(data_dir, "counterfact", "original_format", "most_orthogonal.json"))
+    r0 = ds.requests[0]  # P27 (citizen of), Saussure -> Belgium (Q31), true Switzerland (Q39)
+    f = snippets_file(
+        tmp_path,
+        [
+            {
+                "relation_id": "P27",
+                "target_id": "Q31",
+                "samples": [
+                    {"name": "Jacques Brel", "text": "Brel was a Belgian singer."},
+                    {"name": "Hergé", "text": "Hergé was a Belgian cartoonist."},
+                ],
+            },
+            {  # the true object: never a reference of the edit
+                "relation_id": "P27",
+                "target_id": "Q39",
+                "samples": [{"name": "Roger Federer", "text": "Federer is Swiss."}],
+            },
+            {  # same object, other relation
+                "relation_id": "P19",
+                "target_id": "Q31",
+                "samples": [{"name": "Audrey Hepburn", "text": "Born in Brussels."}],
+            },
+        ],
+    )
+    snips = load_snippets(f)
+    assert snips.references(r0) == ["Brel was a Belgian singer.", "Hergé was a Belgian cartoonist."]
+    assert len(snips.texts) == 4  # ROME fits its TF-IDF on every snippet text
+    others = [
+        r
+        for r in ds.requests
+        if (r.extra["relation_id"], r.extra["target_new_id"]) != ("P27", "Q31")
+    ]
+    assert others and all(snips.references(r) == [] for r in others)
+    flat = data.load(path(data_dir, "counterfact", "counterfact-edit.json"), n=1).requests[0]
+    assert snips.references(flat) == []  # EasyEdit's CounterFact carries no ids
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("[]", "non-empty list"),
+        ('[{"relation_id": "P27", "samples": []}]', "entry 0 needs relation_id, target_id"),
+        ('[{"relation_id": "P27", "target_id": "Q1", "samples": [{"name": "x"}]}]', "'text'"),
+        ("{oops", "not JSON"),
+    ],
+)
+def test_bad_snippets(tmp_path, content, match):
+    with pytest.raises(InputError, match=match):
+        load_snippets(snippets_file(tmp_path, content))
+    with pytest.raises(InputError, match="cannot read"):
+        load_snippets(tmp_path / "missing.json")
