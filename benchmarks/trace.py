@@ -153,7 +153,7 @@ def main():
     if torch is not None:
         ids, (b, e) = tr.locate_subject(lm.tokenizer, args.prompt, args.subject)
         nu = tr.noise_level("3s", lm.params, ids[b:e])
-        eps = tr._noise(0, args.samples, len(ids), lm.config.d_model, range(b, e), nu)
+        eps = tr.subject_noise(0, args.samples, len(ids), lm.config.d_model, range(b, e), nu)
         got, times = torch_loop(lm, ids, (b, e), eps, warm["answer_id"], cells[:1] + cells, 10)
         torch_cell_s = float(np.mean(times[1:]))  # the first cell warms PyTorch up
         torch_result = {

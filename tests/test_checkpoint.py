@@ -15,14 +15,13 @@ from test_model_parity import FAMILIES, GOLDENS, golden, make_goldens_module, ma
 from jaxedit.cli.main import main
 from jaxedit.errors import CheckpointError, ConfigError
 from jaxedit.io.checkpoint import (
-    _GGUF_BLOCK,
-    _GGUF_NAMES,
     hf_state_dict,
     load,
     load_gguf,
     save_hf,
     save_orbax,
 )
+from jaxedit.models.families.llama import GGUF_LAYER, GGUF_TOP
 
 TEXT = "Hello, wörld! 123"
 
@@ -167,7 +166,7 @@ def write_gguf(path: Path, lm, arch: str, *, tokenizer: bool = True, qtype=None)
     """A GGUF the way llama.cpp writes one, from a loaded model, with the `gguf` package."""
     import gguf
 
-    to_gguf = {v: k for k, v in _GGUF_NAMES.items()}
+    to_gguf = {v: k for k, v in GGUF_TOP.items()}
     c = lm.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.n_layers)
@@ -187,7 +186,7 @@ def write_gguf(path: Path, lm, arch: str, *, tokenizer: bool = True, qtype=None)
     for name, arr in hf_state_dict(c, lm.params):
         if name.startswith("model.layers."):
             _, _, layer, rest = name.split(".", 3)
-            block = {v: k for k, v in _GGUF_BLOCK.items()}[rest]
+            block = {v: k for k, v in GGUF_LAYER.items()}[rest]
             gname = f"blk.{layer}.{block}"
         else:
             gname = to_gguf[name]
@@ -330,4 +329,48 @@ def test_missing_and_mismatched_tensors(tmp_path):
     tensors["model.layers.1.mlp.up_proj.weight"] = np.zeros((3, 3), np.float32)
     save_file(tensors, d / "model.safetensors")
     with pytest.raises(CheckpointError, match="shape"):
+        load(d)
+
+
+# ----------------------------------------------------------------------------- special ids
+
+
+def with_special_ids(dst: Path, ids: int, **tokenizer_config) -> Path:
+    """The GPT-2 golden (256 tokens) with config bos/eos/pad ids `ids` (e.g. GPT-2's 50256)."""
+    d = copy_golden("gpt2", dst)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(bos_token_id=ids, eos_token_id=ids, pad_token_id=ids)
+    (d / "config.json").write_text(json.dumps(cfg))
+    if tokenizer_config:
+        (d / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return d
+
+
+def test_out_of_vocab_special_ids_give_finite_padded_logits(tmp_path):
+    """bos/eos/pad 50256 beside a 256-token vocabulary: unused ids are dropped, the pad id falls
+    back to a valid one, and a padded batch computes what each row computes alone."""
+    import jax.numpy as jnp
+
+    from jaxedit.models.transformer import forward_jit
+
+    lm = load(with_special_ids(tmp_path / "m", 50256))
+    tok = lm.tokenizer
+    assert tok.bos_id is None and tok.eos_id is None  # the model can never emit 50256
+    assert 0 <= tok.pad_id < lm.config.vocab_size
+    texts = ["Hello, wörld!", "Hi"]
+    batch = tok.batch(texts, padding="left")
+    assert not batch.mask.all()
+    logits = np.asarray(
+        forward_jit(lm.config, lm.params, jnp.asarray(batch.tokens), jnp.asarray(batch.mask)).logits
+    )
+    assert np.isfinite(logits).all()
+    for row, text in enumerate(texts):
+        ids = np.asarray([tok.encode(text)], np.int32)
+        alone = np.asarray(forward_jit(lm.config, lm.params, jnp.asarray(ids)).logits)[0]
+        np.testing.assert_allclose(logits[row, batch.mask[row]], alone, atol=1e-5, rtol=0)
+
+
+def test_out_of_vocab_bos_that_is_prepended_is_refused(tmp_path):
+    d = with_special_ids(tmp_path / "m", 50256, add_bos_token=True)
+    with pytest.raises(CheckpointError, match="bos_token_id 50256 is outside the vocabulary"):
         load(d)

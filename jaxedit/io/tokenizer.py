@@ -42,7 +42,14 @@ class Batch:
 
 
 class TextTokenizer:
-    """Wraps `tokenizers.Tokenizer`; knows the BOS convention and pad id of its model."""
+    """Wraps `tokenizers.Tokenizer`; knows the BOS convention and pad id of its model.
+
+    Special ids outside the vocabulary (a config's GPT-2 ids 50256 beside a 49,152-token
+    vocabulary; `model_vocab` bounds it by the model's embedding rows too) are refused where
+    they would be used and dropped where they would not: a BOS the tokenizer prepends is an
+    error; an unused BOS and an EOS the model can never emit (so never ends a generation) are
+    None; the pad id falls back to the EOS id, then 0 (padded positions are masked anyway).
+    """
 
     def __init__(
         self,
@@ -52,11 +59,21 @@ class TextTokenizer:
         bos_id: int | None,
         eos_id: int | None,
         pad_id: int | None = None,
+        model_vocab: int | None = None,
     ):
         self.tok = tok
-        self.add_bos = bool(add_bos and bos_id is not None)
-        self.bos_id, self.eos_id = bos_id, eos_id
-        self.pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+        n_ids = tok.get_vocab_size(with_added_tokens=True)
+        n_ids = n_ids if model_vocab is None else min(n_ids, model_vocab)
+        valid = lambda i: i is not None and 0 <= i < n_ids
+        if add_bos and bos_id is not None and not valid(bos_id):
+            raise CheckpointError(
+                f"bos_token_id {bos_id} is outside the vocabulary ({n_ids} ids), yet the "
+                "tokenizer prepends it to every text: fix bos_token_id in the checkpoint's config"
+            )
+        self.bos_id = bos_id if valid(bos_id) else None
+        self.eos_id = eos_id if valid(eos_id) else None
+        self.add_bos = bool(add_bos and self.bos_id is not None)
+        self.pad_id = next((i for i in (pad_id, self.eos_id) if valid(i)), 0)
 
     @property
     def vocab_size(self) -> int:
@@ -126,8 +143,11 @@ class TextTokenizer:
         (directory / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def load_hf_tokenizer(directory: Path, hf_config: dict) -> TextTokenizer:
-    """From a HF directory: tokenizer.json (preferred) or vocab.json + merges.txt."""
+def load_hf_tokenizer(
+    directory: Path, hf_config: dict, model_vocab: int | None = None
+) -> TextTokenizer:
+    """From a HF directory: tokenizer.json (preferred) or vocab.json + merges.txt.
+    `model_vocab`: the model's vocabulary size, which special ids must lie below."""
     tj = directory / "tokenizer.json"
     tcfg_path = directory / "tokenizer_config.json"
     tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.exists() else {}
@@ -149,7 +169,9 @@ def load_hf_tokenizer(directory: Path, hf_config: dict) -> TextTokenizer:
     add_bos = bool(tcfg.get("add_bos_token", bos is not None and probe[:1] == [bos]))
     tok.post_processor = None
     pad = hf_config.get("pad_token_id")
-    return TextTokenizer(tok, add_bos=add_bos, bos_id=bos, eos_id=eos, pad_id=pad)
+    return TextTokenizer(
+        tok, add_bos=add_bos, bos_id=bos, eos_id=eos, pad_id=pad, model_vocab=model_vocab
+    )
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -169,7 +191,7 @@ _QWEN2_SPLIT = (
 )
 
 
-def tokenizer_from_gguf(fields: dict) -> TextTokenizer:
+def tokenizer_from_gguf(fields: dict, model_vocab: int | None = None) -> TextTokenizer:
     """Byte-level BPE tokenizer from GGUF metadata (`tokenizer.ggml.*`)."""
     model = fields.get("tokenizer.ggml.model")
     if model is None or "tokenizer.ggml.tokens" not in fields:
@@ -208,4 +230,6 @@ def tokenizer_from_gguf(fields: dict) -> TextTokenizer:
     eos = fields.get("tokenizer.ggml.eos_token_id")
     pad = fields.get("tokenizer.ggml.padding_token_id")
     add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", False))
-    return TextTokenizer(tok, add_bos=add_bos, bos_id=bos, eos_id=eos, pad_id=pad)
+    return TextTokenizer(
+        tok, add_bos=add_bos, bos_id=bos, eos_id=eos, pad_id=pad, model_vocab=model_vocab
+    )

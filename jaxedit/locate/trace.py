@@ -145,7 +145,7 @@ def window_layers(layer: int, window: int, n_layers: int) -> tuple[int, int]:
     return max(0, layer - window // 2), min(n_layers, layer - (-window // 2))
 
 
-def _noise(rng_seed: int, samples: int, T: int, D: int, rows: Sequence[int], scale: float):
+def subject_noise(rng_seed: int, samples: int, T: int, D: int, rows: Sequence[int], scale: float):
     """eps [S T D]: scale * N(0, 1) at the subject positions `rows`, 0 elsewhere. The draws
     depend on the seed and the subject length only (not on padding)."""
     draws = np.random.default_rng(rng_seed).standard_normal((samples, len(rows), D))
@@ -381,7 +381,7 @@ def _trace_encoded(
     n = len(ids)
     subj = np.zeros((T,), bool)
     subj[pad + b : pad + e] = True
-    eps = _noise(seed, samples, T, cfg.d_model, range(pad + b, pad + e), nu)
+    eps = subject_noise(seed, samples, T, cfg.d_model, range(pad + b, pad + e), nu)
     mask = jnp.asarray(batch.mask)
     prep = _prepare(cfg, params, jnp.asarray(batch.tokens), mask, jnp.asarray(subj), eps)
     answer_id = int(prep[0])
@@ -470,7 +470,7 @@ def trace_loop(
     nu = noise_level(noise, params, ids[b:e])
     subj = np.zeros((T,), bool)
     subj[pad + b : pad + e] = True
-    eps = _noise(seed, samples, T, cfg.d_model, range(pad + b, pad + e), nu)
+    eps = subject_noise(seed, samples, T, cfg.d_model, range(pad + b, pad + e), nu)
     prep = _prepare(cfg, params, jnp.asarray(batch.tokens), jnp.asarray(batch.mask), subj, eps)
     answer, clean = int(prep[0]), prep[3]
     n = len(ids)
@@ -487,7 +487,9 @@ def trace_loop(
     mask_r = jnp.asarray(np.broadcast_to(mask, (R, T)))
     eps_r = np.zeros((R, T, cfg.d_model), np.float32)
     eps_r[corrupted] = eps
-    embed = SitePatch(jnp.asarray(corrupted[:, None] & subj[None]), jnp.asarray(eps_r), True)
+    embed = SitePatch(
+        jnp.asarray(corrupted[:, None] & subj[None]), jnp.asarray(eps_r), jnp.asarray(True)
+    )
     if cells is None:
         cells = [(k, i, layer) for k in kinds for i in range(n) for layer in range(cfg.n_layers)]
     out = {}
@@ -498,7 +500,8 @@ def trace_loop(
         lmask = (np.arange(cfg.n_layers) >= lo) & (np.arange(cfg.n_layers) < hi)
         pmask = lmask[:, None, None] & corrupted[None, :, None] & (np.arange(T) == pad + i)
         site = SITE[kind]
-        patch = {"embed": embed, site: SitePatch(jnp.asarray(pmask), clean[site], False)}
+        restore = SitePatch(jnp.asarray(pmask), clean[site], jnp.asarray(False))
+        patch = {"embed": embed, site: restore}
         logits = forward_jit(
             cfg,
             params,

@@ -37,9 +37,17 @@ SITES = ("embed", *BLOCK_SITES)
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class SitePatch:
-    mask: Bool[Array, "L B T"]  # "B T" for the embed site
-    value: Float[Array, "L B T X"]
-    add: Bool[Array, ""]
+    """Where (`mask`), what (`value`) and how (`add`) to patch one site.
+
+    Shapes: [L B T] / [L B T X] for a block site (a leading layer axis, scanned over by the
+    forward), [B T] / [B T X] for `embed` or for one layer's slice; a batch axis of 1 in either
+    broadcasts; `add` is a scalar or one flag per layer. A batch of patches (for `jax.vmap`)
+    stacks all three along new leading axes, hence the variadic `*layers` and the free `add`.
+    """
+
+    mask: Bool[Array, "*layers #B T"]
+    value: Float[Array, "*layers #B T X"]
+    add: Bool[Array, "*flags"]
 
 
 Patch = dict[str, SitePatch]

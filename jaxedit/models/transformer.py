@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -43,6 +44,12 @@ def _dtype(cfg: ModelConfig) -> jnp.dtype:
     return jnp.dtype(cfg.dtype)
 
 
+def _along_last(v: Float[Array, " X"], like: Array) -> Float[Array, "*ones X"]:
+    """A vector reshaped to broadcast over the last axis of `like` (explicit, so the code runs
+    under `jax_numpy_rank_promotion="raise"`), in fp32."""
+    return v.astype(jnp.float32).reshape((1,) * (like.ndim - 1) + v.shape)
+
+
 class Linear(nnx.Module):
     """y = x @ kernel + bias, kernel laid out [in, out]."""
 
@@ -55,7 +62,7 @@ class Linear(nnx.Module):
         kernel = self.kernel[...]
         y = jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
         if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
+            y = y + _along_last(self.bias[...], y)
         return y
 
 
@@ -72,26 +79,22 @@ class Norm(nnx.Module):
         x = x.astype(jnp.float32)
         if self.rms:
             y = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
-            return y * self.scale[...].astype(jnp.float32)
+            return y * _along_last(self.scale[...], y)
         mean = jnp.mean(x, -1, keepdims=True)
         var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        return y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y * _along_last(self.scale[...], y) + _along_last(self.bias[...], y)
 
 
-def _activation(name: str):
+def activation(name: str) -> Callable[[Array], Array]:
+    """The elementwise MLP activation a config names (`ModelConfig.activation`), as the model
+    applies it (public for methods that differentiate through the MLP by hand, e.g. MEND)."""
     return {
         "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
         "gelu": functools.partial(jax.nn.gelu, approximate=False),
         "silu": jax.nn.silu,
         "relu": jax.nn.relu,
     }[name]
-
-
-def activation(name: str):
-    """The elementwise MLP activation a config names (`ModelConfig.activation`), as the model
-    applies it (public for methods that differentiate through the MLP by hand, e.g. MEND)."""
-    return _activation(name)
 
 
 def rotary_inv_freq(cfg: ModelConfig) -> Float[Array, " R2"]:
@@ -118,7 +121,7 @@ def apply_rotary(
 ) -> Float[Array, "B T N K"]:
     """Rotate the first `rotary_dim` dims of each head by angle position · inv_freq."""
     R = cfg.rotary_dim
-    angle = positions[..., None].astype(jnp.float32) * rotary_inv_freq(cfg)  # B T R/2
+    angle = positions[..., None].astype(jnp.float32) * rotary_inv_freq(cfg)[None, None]  # B T R/2
     cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
     rot, rest = x[..., :R], x[..., R:]
     if cfg.rotary_style == "half":  # NeoX / Llama: pairs (i, i + R/2)
@@ -177,7 +180,7 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, F, dt = cfg.d_model, cfg.d_ff, _dtype(cfg)
-        self.act = _activation(cfg.activation)
+        self.act = activation(cfg.activation)
         self.gate = Linear(D, F, cfg.mlp_bias, dt, rngs) if cfg.gated_mlp else None
         self.up = Linear(D, F, cfg.mlp_bias, dt, rngs)
         self.down = Linear(F, D, cfg.mlp_bias, dt, rngs)
@@ -260,12 +263,12 @@ def _abstract(cfg: ModelConfig):
 def param_shapes(cfg: ModelConfig) -> Params:
     """The params layout as a nested dict of `jax.ShapeDtypeStruct` (what loaders fill)."""
     _, state = _abstract(cfg)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.to_pure_dict())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
 
 
 def init_params(cfg: ModelConfig, seed: int = 0) -> Params:
     """Random params (normal(0.02) weights, unit norms), as a plain nested dict."""
-    return nnx.state(Transformer(cfg, nnx.Rngs(seed))).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(seed))))
 
 
 def _merge(cfg: ModelConfig, params: Params) -> Transformer:
@@ -354,6 +357,10 @@ def forward(
         cfg, mask, positions, None if cache is None else cache.mask, cache_positions
     )
 
+    # Padded positions look up id 0, whatever the pad id: an id outside the vocabulary (a
+    # config's pad/eos id beyond V) would embed as NaN, and 0 x NaN in attention would poison
+    # every real position too. Real positions keep their ids (an invalid one stays NaN: loud).
+    tokens = jnp.where(mask, tokens, 0)
     x = jnp.take(model.embed[...], tokens, axis=0).astype(jnp.float32)
     if model.pos_embed is not None:
         x = x + jnp.take(model.pos_embed[...], positions, axis=0).astype(jnp.float32)

@@ -1,0 +1,108 @@
+"""GPT-J (`GPTJForCausalLM`): attention and MLP in parallel, both reading `ln_1` (no `ln_2`);
+interleaved partial rotary (pairs (2i, 2i+1) of the first `rotary_dim` dims); untied `lm_head`
+with a bias."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxedit.errors import ConfigError
+from jaxedit.models.config import ModelConfig
+from jaxedit.models.families.common import (
+    Entry,
+    Row,
+    check_activation,
+    expand,
+    hf_base,
+    linear,
+    norm,
+    refuse_unknown,
+    special_ids,
+)
+
+MODEL_TYPES = ("gptj",)
+FAMILY = "gptj"
+KNOWN = (
+    "vocab_size",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_positions",
+    "n_inner",
+    "rotary_dim",
+    "activation_function",
+    "layer_norm_epsilon",
+    "tie_word_embeddings",
+)
+HARMLESS = ("attn_pdrop", "embd_pdrop", "resid_pdrop")
+IGNORED = (r"\.attn\.bias$", r"\.attn\.masked_bias$", r"rotary_emb\.inv_freq$")
+ALIASES: dict[str, tuple[str, ...]] = {}
+
+
+def from_hf(hf: dict[str, Any]) -> ModelConfig:
+    refuse_unknown(hf, "gptj", KNOWN, HARMLESS)
+    if hf.get("tie_word_embeddings"):
+        # GPT-J's lm_head has a bias, which tied embeddings (no lm_head) cannot carry.
+        raise ConfigError("gptj: tie_word_embeddings=True is not implemented")
+    D, H = hf["n_embd"], hf["n_head"]
+    act = hf.get("activation_function", "gelu_new")
+    return ModelConfig(
+        model_type="gptj",
+        family="gptj",
+        vocab_size=hf["vocab_size"],
+        d_model=D,
+        n_layers=hf["n_layer"],
+        n_heads=H,
+        n_kv_heads=H,
+        head_dim=D // H,
+        d_ff=hf.get("n_inner") or 4 * D,
+        max_positions=hf["n_positions"],
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        activation=check_activation(act, ("gelu_new", "gelu", "gelu_pytorch_tanh"), "gptj"),
+        gated_mlp=False,
+        positional="rotary",
+        rotary_dim=hf.get("rotary_dim") or D // H,
+        rotary_style="interleaved",
+        rope_theta=10000.0,
+        parallel_residual=True,
+        shared_parallel_norm=True,
+        mlp_bias=True,
+        tie_embeddings=False,
+        lm_head_bias=True,
+        **special_ids(hf),
+    )
+
+
+def to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        **hf_base(cfg, "GPTJForCausalLM"),
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_positions": cfg.max_positions,
+        "n_inner": cfg.d_ff,
+        "rotary_dim": cfg.rotary_dim,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "activation_function": cfg.activation,
+    }
+
+
+TOP = (
+    Row("transformer.wte.weight", "embed"),
+    *norm("transformer.ln_f", "final_norm", bias=True),
+    *linear("lm_head", "lm_head", bias=True),
+)
+LAYER = (
+    *norm("transformer.h.{i}.ln_1", "ln1", bias=True),
+    *linear("transformer.h.{i}.attn.q_proj", "attn/q", bias=False),
+    *linear("transformer.h.{i}.attn.k_proj", "attn/k", bias=False),
+    *linear("transformer.h.{i}.attn.v_proj", "attn/v", bias=False),
+    *linear("transformer.h.{i}.attn.out_proj", "attn/o", bias=False),
+    *linear("transformer.h.{i}.mlp.fc_in", "mlp/up", bias=True),
+    *linear("transformer.h.{i}.mlp.fc_out", "mlp/down", bias=True),
+)
+
+
+def weight_map(cfg: ModelConfig) -> list[Entry]:
+    return expand(cfg, TOP, LAYER)
