@@ -59,10 +59,11 @@ def _tops(lm, prompts: list[str]) -> list[tuple[str, float]]:
 
 
 def run(args) -> dict:
+    from jaxedit import methods
+    from jaxedit.edits import apply
     from jaxedit.eval.runner import quick_table
     from jaxedit.locate import facts
     from jaxedit.locate.trace import trace
-    from jaxedit.methods import rome
     from jaxedit.requests import EditRequest
 
     t0 = time.time()
@@ -92,17 +93,20 @@ def run(args) -> dict:
 
     # The preset's 20 generated context templates make an edit take a minute or more on a
     # laptop CPU; the demo uses 5 (the bare prompt + 5 short prefixes), said in its output.
-    hp = rome.hparams_for(lm).replace(context_template_length_params=((5, args.templates),))
+    rome = methods.get("rome")
+    hp = rome.hparams(lm, context_template_length_params=((5, args.templates),))
+    state = rome.prepare(lm, hp, progress=not args.json)
     request = EditRequest(prompt=prompt, subject=subject, target_new=target)
     t1 = time.time()
-    edited, record = rome.edit(lm, request, hp)
+    edit, info = rome.compute(lm, state, [request])
+    edited = apply(lm, edit)
     check_prompts = [p for _, p in CHECKS]
     before, after = _tops(lm, check_prompts), _tops(edited, check_prompts)
     result["edit"] = {
         "request": {"prompt": prompt, "subject": subject, "target_new": target},
-        "layer": record.layer,
+        "layer": info["layer"],
         "context_templates": args.templates,
-        "delta_norm": record.norm,
+        "delta_norm": edit.norm(),
         "seconds": round(time.time() - t1, 1),
         "checks": [
             {"kind": kind, "prompt": p, "before": b, "after": a}
@@ -112,7 +116,8 @@ def run(args) -> dict:
 
     known = facts.known(lm)[: args.n_facts]
     t2 = time.time()
-    edited_all, _, _ = rome.edit_many(lm, known, hp)
+    edit_all, _ = rome.compute(lm, state, known)
+    edited_all = apply(lm, edit_all)
     result["metrics"] = {
         "facts": [f.rewrite_prompt + " -> " + f.target_new for f in known],
         "table": quick_table(lm, edited_all, known),
