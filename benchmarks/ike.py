@@ -1,20 +1,25 @@
-"""IKE scoring benchmark: queries/s with the prefix KV cache vs recomputing the prefix per query.
+"""IKE benchmarks: the prefix KV cache's speed, and the own-copy demonstration's effect.
 
+`speed`: queries/s with the prefix KV cache vs recomputing the context in every query row.
 Same model, same CounterFact edits, same IKE contexts (retrieved from the training split with
-TF-IDF, so no pool embedding is needed here), same queries: every (prompt, target) the
-evaluation runner scores for an edit (`jaxedit.eval.runner.queries`: rewrite and paraphrase with
-target_new and target_true, the neighbour with its answer and with target_new).
+TF-IDF, so no pool embedding is needed), same queries: every (prompt, target) the evaluation
+scores for an edit (`jaxedit.eval.measure.queries`).
 
-- cached   : `metrics.score_targets(..., prefix=context)`: the context runs once into a KV
-             cache, the short query rows attend to it (`jaxedit.eval.prefix_cache`).
+- cached   : `prefix_cache.score_continuations(...)`: the context runs once into a KV cache,
+             the short query rows attend to it.
 - baseline : the same rows with the context prepended and recomputed in every row
-             (`metrics.score_ids(lm_scorer(lm), with_prefix(...))`), as before the cache.
+             (`use_cache=False`), as before the cache.
 
 Each setting first scores one edit untimed (compiles its buckets), then times the rest. Also
-reported: the largest |Δ log p| between the two paths, and between two layouts of the baseline
-itself (rows scored all together vs one call per row) — the fp32 noise floor.
+reported: the largest |Δ log p| between the two paths.
 
-    uv run python benchmarks/ike.py  # -> benchmarks/results/ike.json
+`copy-demo`: `jaxedit.eval.runner.evaluate` of IKE (the smollm2-135m preset: k = 8, hidden-state
+retrieval over the whole training split) on the known cases among the first N CounterFact edit
+records, with and without the edited fact's own copy demonstration (`copy_own_fact`), on the
+same cases. Resumable (each setting's cases.jsonl); results go under "copy_own_fact".
+
+    uv run python benchmarks/ike.py speed      # -> benchmarks/results/ike.json
+    taskset -c 1 uv run python benchmarks/ike.py copy-demo --n 80 --out-dir runs/ike-copy
 """
 
 from __future__ import annotations
@@ -24,92 +29,141 @@ import json
 import os
 import platform
 import time
-import warnings
 
 import numpy as np
 
+import jaxedit as je
 from jaxedit.eval import datasets as data
-from jaxedit.eval import runner as evaluate
-from jaxedit.eval import scoring as metrics
+from jaxedit.eval import prefix_cache
+from jaxedit.eval.measure import queries
 from jaxedit.io.checkpoint import load
-from jaxedit.methods import ike
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "counterfact")
+RESULTS = os.path.join(os.path.dirname(__file__), "results", "ike.json")
+SUMMARY = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score")
 
 
-def _baseline(lm, prompts, targets, context, max_rows=metrics.ROW_BUCKETS[-1]):
-    p_ids, t_ids = metrics.encode_queries(lm.tokenizer, prompts, targets)
-    rows = metrics.with_prefix(lm.tokenizer, context, p_ids, prompts)
-    return metrics.score_ids(
-        metrics.lm_scorer(lm), rows, t_ids, pad_id=lm.tokenizer.pad_id, max_rows=max_rows
-    )
+def _rows(lm, context: str, qs):
+    tok = lm.tokenizer
+    head, bodies = prefix_cache.split_context(tok, context, [p.rstrip() for _, p, _ in qs])
+    targets = [tok.encode_continuation(" " + t.strip()) for _, _, t in qs]
+    return head, bodies, targets
 
 
-def _max_diff(a, b) -> float:
-    return float(max(np.abs(x - y).max() for x, y in zip(a.logprobs, b.logprobs, strict=True)))
-
-
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--edits", default=os.path.join(DATA, "counterfact-edit.json"))
-    p.add_argument("--pool", default=os.path.join(DATA, "counterfact-train.json"))
-    p.add_argument("--pool-size", type=int, default=2000)
-    p.add_argument("--n", type=int, default=5, help="edits per setting (first one is warm-up)")
-    p.add_argument("--ks", default="8,32")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ike.json"))
-    args = p.parse_args()
-
-    lm = load(args.model)
+def speed(args, lm) -> dict:
     edits = data.load(args.edits, n=args.n).requests
-    pool = ike.Pool.load(args.pool, args.pool_size)
-    retriever = ike.TfidfRetriever(pool.keys())
+    m = je.methods.get("ike")
     settings = []
     for k in (int(x) for x in args.ks.split(",")):
-        editor = ike.IKE(pool, retriever, ike.IKEParams(k=k))
+        hp = m.hparams(
+            "smollm2-135m", demos=args.pool, pool_size=args.pool_size, k=k, embedder="tfidf"
+        )
+        state = m.prepare(lm, hp)
         res = {"k": k, "cached_s": 0.0, "baseline_s": 0.0, "queries": 0, "context_tokens": []}
-        diff = floor = 0.0
+        diff = 0.0
         for i, r in enumerate(edits):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ctx = editor(lm, [r]).context
-            qs = evaluate.queries(r)
-            prompts, targets = [q[1] for q in qs], [q[2] for q in qs]
+            edit, info = m.compute(lm, state, [r])
+            context = je.apply(lm, edit).context_text()
+            head, bodies, targets = _rows(lm, context, queries(r))
             t0 = time.perf_counter()
-            cached = metrics.score_targets(lm, prompts, targets, prefix=ctx)
+            cached, _ = prefix_cache.score_continuations(lm, head, bodies, targets)
             t1 = time.perf_counter()
-            full = _baseline(lm, prompts, targets, ctx)
+            full, _ = prefix_cache.score_continuations(lm, head, bodies, targets, use_cache=False)
             t2 = time.perf_counter()
-            diff = max(diff, _max_diff(cached, full))
-            if i == 0:  # warm-up (compiles); also measure the noise floor once
-                floor = _max_diff(full, _baseline(lm, prompts, targets, ctx, max_rows=1))
+            diff = max(
+                diff, max(float(np.abs(a - b).max()) for a, b in zip(cached, full, strict=True))
+            )
+            if i == 0:  # warm-up (compiles)
                 continue
             res["cached_s"] += t1 - t0
             res["baseline_s"] += t2 - t1
-            res["queries"] += len(qs)
-            res["context_tokens"].append(len(lm.tokenizer.encode(ctx)))
+            res["queries"] += len(targets)
+            res["context_tokens"].append(info["context_tokens"])
         res["cached_queries_per_s"] = res["queries"] / res["cached_s"]
         res["baseline_queries_per_s"] = res["queries"] / res["baseline_s"]
         res["speedup"] = res["cached_queries_per_s"] / res["baseline_queries_per_s"]
         res["mean_context_tokens"] = float(np.mean(res.pop("context_tokens")))
         res["max_abs_logprob_diff_cached_vs_baseline"] = diff
-        res["noise_floor_baseline_vs_itself"] = floor
         settings.append(res)
-        print(json.dumps(res))
-
-    out = {
+        print(json.dumps(res), flush=True)
+    return {
         "benchmark": "ike prefix KV cache",
         "model": args.model,
         "edits_timed_per_setting": args.n - 1,
         "pool": f"{os.path.basename(args.pool)} (first {args.pool_size}, TF-IDF retrieval)",
-        "baseline": "same rows, context recomputed in every row (metrics.with_prefix + lm_scorer)",
+        "baseline": "same rows, context recomputed in every row (score_continuations, no cache)",
         "machine": f"{platform.machine()} {os.cpu_count()} cpus (shared), jax CPU",
         "settings": settings,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    if os.path.exists(args.out):  # keep the evaluation numbers recorded next to the timings
+
+
+def copy_demo(args, lm) -> dict:
+    from jaxedit.eval.runner import evaluate
+
+    requests = data.load(args.edits, n=args.n).requests
+    m = je.methods.get("ike")
+    out: dict = {
+        "command": (
+            f"benchmarks/ike.py copy-demo --n {args.n}: evaluate(known_only=True) of IKE, preset "
+            f"smollm2-135m (k=8, hidden-state retrieval), pool {os.path.basename(args.pool)}"
+        ),
+        "settings": {},
+    }
+    for own in (True, False):
+        hp = m.hparams("smollm2-135m", demos=args.pool, copy_own_fact=own)
+        state = m.prepare(lm, hp, cache_dir=args.cache_dir, progress=True)
+        name = f"copy_own_fact_{str(own).lower()}"
+        t0 = time.time()
+        result = evaluate(
+            lm,
+            requests,
+            m,
+            state,
+            known_only=True,
+            out=os.path.join(args.out_dir, name),
+            resume=True,
+            progress=True,
+            info={"data": os.path.basename(args.edits), "copy_own_fact": own},
+        )
+        means = {k: result["metrics"][k]["mean"] for k in SUMMARY if k in result["metrics"]}
+        out["settings"][name] = {
+            "metrics": means,
+            "n_cases": result["n"],
+            "n_dropped": result["n_dropped"],
+            "case_ids": [row["case_id"] for row in result["cases"]],
+            "seconds": round(time.time() - t0, 1),
+        }
+        out["baseline"] = {
+            k: result["baseline"][k]["mean"] for k in SUMMARY if k in result["baseline"]
+        }
+        print(name, json.dumps(out["settings"][name]["metrics"]), flush=True)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["speed", "copy-demo"])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--edits", default=os.path.join(DATA, "counterfact-edit.json"))
+    p.add_argument("--pool", default=os.path.join(DATA, "counterfact-train.json"))
+    p.add_argument("--pool-size", type=int, default=2000, help="speed: first N pool records")
+    p.add_argument("--n", type=int, default=5, help="edit records (speed: first is warm-up)")
+    p.add_argument("--ks", default="8,32", help="speed: k values")
+    p.add_argument("--out-dir", default="runs/ike-copy-demo", help="copy-demo: run directories")
+    p.add_argument("--cache-dir", default=None, help="copy-demo: pool embedding cache")
+    p.add_argument("--out", default=RESULTS)
+    args = p.parse_args()
+
+    lm = load(args.model)
+    prev = {}
+    if os.path.exists(args.out):
         with open(args.out) as f:
-            out = {**{k: v for k, v in json.load(f).items() if k == "eval"}, **out}
+            prev = json.load(f)
+    if args.what == "speed":
+        out = {**speed(args, lm), **{k: prev[k] for k in ("eval", "copy_own_fact") if k in prev}}
+    else:
+        out = {**prev, "copy_own_fact": copy_demo(args, lm)}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     print(f"wrote {args.out}")
