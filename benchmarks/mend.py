@@ -28,8 +28,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+import jaxedit as je
 from jaxedit.io.checkpoint import load
-from jaxedit.methods.mend import editor as mend
+from jaxedit.methods import mend
+from jaxedit.methods.mend import editor as ed
+from jaxedit.methods.mend import factors as fa
+from jaxedit.methods.mend import inputs, losses, method
+from jaxedit.methods.mend import state as mstate
 from jaxedit.methods.mend import train as mt
 from jaxedit.models.sites import get_weight, set_weight
 from jaxedit.models.transformer import forward
@@ -49,12 +54,16 @@ def _timed(fn, n: int) -> list[float]:
 
 def edit_latency(lm, hp, requests, n: int) -> dict:
     layout = mend.make_layout(lm.config, hp)
-    trained = mt.TrainedEditor(
-        mend.init_editor(jax.random.key(0), layout, hp), mend.init_norm(layout), layout, hp, 0, {}
+    trained = mend.TrainedEditor(
+        ed.init_editor(jax.random.key(0), layout, hp), ed.init_norm(layout), layout, hp, 0, {}
     )
-    edit = mend.make_editor(lm, trained)
-    edit(lm, [requests[0]])  # compile (one length bucket)
-    mend_ms = _timed(lambda i: edit(lm, [requests[i % len(requests)]]).model.params, n)
+    state = method.make_state(lm, trained)
+
+    def edit(reqs):  # the protocol: low-rank deltas, then a new model
+        return je.apply(lm, mend.METHOD.compute(lm, state, reqs)[0]).params
+
+    edit([requests[0]])  # compile (one length bucket)
+    mend_ms = _timed(lambda i: edit([requests[i % len(requests)]]), n)
 
     # baseline: the full-model gradient of the same loss w.r.t. the same weights
     tok = lm.tokenizer
@@ -62,20 +71,20 @@ def edit_latency(lm, hp, requests, n: int) -> dict:
 
     @jax.jit
     def full_grad(params, tokens, mask, labels):
-        x = mend.labelled(tokens, mask, labels, 8)
+        x = inputs.labelled(tokens, mask, labels, 8)
         ws = [get_weight(params, s, layer) for s, layer in layout.weights]
 
         def loss(ws):
             p = params
             for (s, layer), w in zip(layout.weights, ws, strict=True):
                 p = set_weight(p, s, layer, w)
-            return mend.nll(forward(cfg, p, x.tokens, x.mask, logit_positions=x.pos).logits, x)
+            return losses.nll(forward(cfg, p, x.tokens, x.mask, logit_positions=x.pos).logits, x)
 
         return jax.grad(loss)(ws)
 
     def encoded(r):
-        ids, lab = mend.encode_pair(tok, r.rewrite_prompt, r.target_new)
-        return mend.pad_pairs(tok, [(ids, lab)], 16)
+        ids, lab = inputs.encode_pair(tok, r.rewrite_prompt, r.target_new)
+        return inputs.pad_pairs(tok, [(ids, lab)], 16)
 
     enc = [encoded(r) for r in requests]
     full_grad(lm.params, *enc[0])
@@ -84,12 +93,9 @@ def edit_latency(lm, hp, requests, n: int) -> dict:
     # the MEND computation alone: the 9 updates η·∇̃W, no new parameter tree
     @jax.jit
     def deltas(params, editor, norm, tokens, mask, labels):
-        x = mend.labelled(tokens, mask, labels, 8)
-        first = mend.first_layer(layout)
-        cfg_top, top = mend.split_top(cfg, params, first)
-        h0 = mend.prefix_resid(cfg, params, x.tokens, x.mask, first)
-        _, f = mend.gradient_factors(cfg_top, top, mend.shift_layout(layout, first), x, h0)
-        grads, _ = mend.pseudo_gradients(editor, norm, layout, f, hp.norm)
+        x = inputs.labelled(tokens, mask, labels, 8)
+        _, f = fa.edit_factors(cfg, params, layout, x)
+        grads, _ = ed.pseudo_gradients(editor, norm, layout, f, hp.norm)
         return [editor["edit_lrs"][i] * g for i, g in enumerate(grads)]
 
     run_d = lambda i: deltas(lm.params, trained.editor, trained.norm, *enc[i % len(enc)])
@@ -112,7 +118,7 @@ def train_throughput(lm, hp, n_steps: int) -> dict:
     cases = mt.load_cases(DATA / "counterfact-train.json", limit=200)
     data = mt.tokenize_cases(lm.tokenizer, cases, hp.max_len, hp.max_target)
     step, _ = mt.jit_steps(lm.config, layout, hp)
-    state = mt.init_state(layout, hp)
+    state = mstate.init_state(layout, hp)
     t0 = time.perf_counter()
     state, m = step(lm.params, state, data.take(mt.batch_indices(len(data), 0, hp.batch, 0)))
     jax.block_until_ready(m)
@@ -136,22 +142,25 @@ def train_throughput(lm, hp, n_steps: int) -> dict:
 def counterfact_scores(lm, editor_dir: str, n_eval: int, offset: int = 0) -> dict:
     """Efficacy / paraphrase / neighbourhood scores on the first `n_eval` known cases."""
     from jaxedit.eval import datasets as data_mod
+    from jaxedit.eval import report
     from jaxedit.eval import runner as ev
+    from jaxedit.eval.measure import is_known, measure
 
-    trained = mt.load_editor(editor_dir, lm)
+    m = mend.METHOD
+    state = m.prepare(lm, m.hparams(lm.name, editor=editor_dir))
+    trained = state.trained
     ds = data_mod.load(DATA / "counterfact-edit.json", n=4 * n_eval, offset=offset)
-    pre = ev.measure(lm, ds.requests)
-    known = [r for r, p in zip(ds.requests, pre, strict=True) if ev._known(r, p)][:n_eval]
-    edit = mend.make_editor(lm, trained)
-    res = ev.evaluate(lm, known, edit, method="mend", progress=True)
-    print(ev.table(res))
+    pre = measure(lm, ds.requests)
+    known = [r for r, p in zip(ds.requests, pre, strict=True) if is_known(r, p)][:n_eval]
+    res = ev.evaluate(lm, known, m, state, progress=True)
+    print(report.table(res))
     keep = ("metrics", "baseline", "seconds", "known_only")
     return {
         "editor": editor_dir,
         "train_step": trained.step,
         "train_config": trained.config.get("hparams"),
         "n": len(known),
-        "table": ev.table(res),
+        "table": report.table(res),
         **{k: res[k] for k in keep if k in res},
     }
 
@@ -171,7 +180,7 @@ def main() -> None:
     args = ap.parse_args()
 
     lm = load("smollm2-135m")
-    hp = mend.hparams_for(lm.config, lm.name)
+    hp = mend.METHOD.hparams(lm.name)
     from jaxedit.eval import datasets as data_mod
 
     requests = data_mod.load(DATA / "counterfact-edit.json", n=40).requests

@@ -34,7 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxedit.io.checkpoint import load
-from jaxedit.methods.mend import editor as mend
+from jaxedit.methods import mend
+from jaxedit.methods.mend import editor as ed
+from jaxedit.methods.mend import factors as fa
+from jaxedit.methods.mend import inputs
 from jaxedit.models.transformer import forward
 
 SHARED = Path(__file__).parent.parent.parent / "shared" / "data"
@@ -83,32 +86,32 @@ def main() -> None:
     cfg, tok = lm.config, lm.tokenizer
     layers = [int(x) for x in args.layers.split(",")]
     sites = args.sites.split(",")
-    hp = mend.hparams_for(cfg, lm.name).replace(
+    hp = mend.METHOD.hparams(lm.name).replace(
         weights=tuple((site, layer) for layer in layers for site in sites)
     )
     layout = mend.make_layout(cfg, hp)
-    first = mend.first_layer(layout)
-    shifted = mend.shift_layout(layout, first)
-    cfg_top, top = mend.split_top(cfg, lm.params, first)
+    first = fa.first_layer(layout)
+    shifted = fa.shift_layout(layout, first)
+    cfg_top, top = fa.split_top(cfg, lm.params, first)
 
     t0 = time.perf_counter()
     c_inv, n_tok = key_second_moments(lm, layers, args.tokens)
     t_stats = time.perf_counter() - t0
 
     def labelled(pairs, length=32):
-        t, m, lab = mend.pad_pairs(tok, pairs, length)
-        return mend.labelled(jnp.asarray(t), jnp.asarray(m), jnp.asarray(lab), 8)
+        t, m, lab = inputs.pad_pairs(tok, pairs, length)
+        return inputs.labelled(jnp.asarray(t), jnp.asarray(m), jnp.asarray(lab), 8)
 
     @jax.jit
     def gradient(top, x, h0):
-        return mend.true_gradients(mend.gradient_factors(cfg_top, top, shifted, x, h0)[1], layout)
+        return fa.true_gradients(fa.gradient_factors(cfg_top, top, shifted, x, h0)[1], layout)
 
-    prefix = jax.jit(lambda params, x: mend.prefix_resid(cfg, params, x.tokens, x.mask, first))
+    prefix = jax.jit(lambda params, x: fa.prefix_resid(cfg, params, x.tokens, x.mask, first))
 
     @jax.jit
     def _margins(top, direction, eta, x, h0):
-        new = mend.apply_updates(top, shifted, -eta * jnp.ones(len(direction)), direction)
-        logits = mend.top_forward(cfg_top, new, x, h0).logits
+        new = ed.apply_updates(top, shifted, -eta * jnp.ones(len(direction)), direction)
+        logits = fa.top_forward(cfg_top, new, x, h0).logits
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), x.target[..., None], -1)[..., 0]
         v = x.valid.astype(jnp.float32)
         nll = (-(lp * v).sum(1) / v.sum(1)).reshape(3, 2)  # prompts × (new, true)
@@ -138,7 +141,7 @@ def main() -> None:
     for r in records:
         prompts = (r["prompt"], r["rephrase_prompt"], r["locality_prompt"])
         pairs = [
-            mend.encode_pair(tok, p, a)
+            inputs.encode_pair(tok, p, a)
             for p in prompts
             for a in (r["target_new"], r["ground_truth"])
         ]

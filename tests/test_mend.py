@@ -1,22 +1,35 @@
-"""MEND: gradient factors, the editor network, meta-training, checkpoints, errors."""
+"""MEND: gradient factors, the editor network, the edit protocol, meta-training, checkpoints,
+the locality-KL option, hparams and errors. (Parity with eric-mitchell/mend: test_mend_parity.)"""
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxedit.errors import CheckpointError, InputError
-from jaxedit.methods.mend import editor as mend
+import jaxedit as je
+from jaxedit.errors import CheckpointError, ConfigError, InputError
+from jaxedit.methods import mend
+from jaxedit.methods.mend import checkpoint as ckpt
+from jaxedit.methods.mend import editor as ed
+from jaxedit.methods.mend import factors as fa
+from jaxedit.methods.mend import inputs, losses, method
+from jaxedit.methods.mend import state as st
 from jaxedit.methods.mend import train as mt
+from jaxedit.methods.mend.hparams import Layout, MENDHparams, make_layout
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.lm import LanguageModel
 from jaxedit.models.sites import get_weight
 from jaxedit.models.transformer import forward, init_params
+from jaxedit.requests import EditRequest
+
+PACKAGE = Path(mend.__file__).parent
 
 
 def _tiny(smollm, family="llama", seed=0) -> LanguageModel:
@@ -61,16 +74,18 @@ def cases(data_dir):
 
 def _edit_input(lm, n=2):
     pairs = [
-        mend.encode_pair(lm.tokenizer, "The Eiffel Tower is located in", "Rome"),
-        mend.encode_pair(lm.tokenizer, "Danielle Darrieux's mother tongue is", "English language"),
+        inputs.encode_pair(lm.tokenizer, "The Eiffel Tower is located in", "Rome"),
+        inputs.encode_pair(
+            lm.tokenizer, "Danielle Darrieux's mother tongue is", "English language"
+        ),
     ][:n]
-    tokens, mask, labels = mend.pad_pairs(lm.tokenizer, pairs, 16)
-    return mend.labelled(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(labels), 8)
+    tokens, mask, labels = inputs.pad_pairs(lm.tokenizer, pairs, 16)
+    return inputs.labelled(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(labels), 8)
 
 
 def _true_grads(lm, layout, x):
     def grads(params, x):  # jitted: one compile instead of op-by-op dispatch (test time)
-        loss = lambda p: mend.nll(
+        loss = lambda p: losses.nll(
             forward(lm.config, p, x.tokens, x.mask, logit_positions=x.pos).logits, x
         )
         g = jax.grad(loss)(params)
@@ -81,18 +96,32 @@ def _true_grads(lm, layout, x):
 
 def _factors(lm, layout, x):
     """Factors the way an edit computes them: only the edited blocks, from the prefix residual."""
-    first = mend.first_layer(layout)
-
-    def run(params, x):
-        cfg_top, top = mend.split_top(lm.config, params, first)
-        h0 = mend.prefix_resid(lm.config, params, x.tokens, x.mask, first)
-        return mend.gradient_factors(cfg_top, top, mend.shift_layout(layout, first), x, h0)[1]
-
-    return jax.jit(run)(lm.params, x)
+    return jax.jit(lambda p, x: fa.edit_factors(lm.config, p, layout, x)[1])(lm.params, x)
 
 
 def _rel(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def _real_norm(layout, f):
+    """Normaliser statistics of real factors, so the normalisation is exercised."""
+    norm = ed.init_norm(layout)
+    for g in norm:
+        norm[g] = ed.update_norm(
+            norm[g],
+            f.u[g].reshape(-1, f.u[g].shape[-1]),
+            f.d[g].reshape(-1, f.d[g].shape[-1]),
+            f.m[g].reshape(-1),
+        )
+    return norm
+
+
+def _perturbed_editor(layout, hp, seed=0):
+    e = ed.init_editor(jax.random.key(seed), layout, hp)
+    leaves, tree = jax.tree.flatten(e)
+    keys = jax.random.split(jax.random.key(seed + 7), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(tree, leaves)
 
 
 # ----------------------------------------------------------------------------- factors
@@ -101,15 +130,15 @@ def _rel(a, b):
 def test_identity_editor_gives_true_gradient_smollm(smollm):
     """Σ_t δ_t u_tᵀ == ∇W, and the identity-initialised editor without normalisation returns
     exactly it, for gate / up / down of the last three blocks of the embedded model."""
-    hp = mend.hparams_for(smollm.config, smollm.name).replace(norm=False)
-    layout = mend.make_layout(smollm.config, hp)
+    hp = mend.METHOD.hparams("smollm2-135m", norm=False)
+    layout = make_layout(smollm.config, hp)
     assert {s for s, _ in layout.weights} == {"mlp_gate", "mlp_up", "mlp_out"}
     x = _edit_input(smollm)
     factors = _factors(smollm, layout, x)
     truth = _true_grads(smollm, layout, x)
-    editor = mend.init_editor(jax.random.key(0), layout, hp)
-    pseudo, _ = mend.pseudo_gradients(editor, mend.init_norm(layout), layout, factors, False)
-    for t, f, p in zip(truth, mend.true_gradients(factors, layout), pseudo, strict=True):
+    editor = ed.init_editor(jax.random.key(0), layout, hp)
+    pseudo, _ = ed.pseudo_gradients(editor, ed.init_norm(layout), layout, factors, False)
+    for t, f, p in zip(truth, fa.true_gradients(factors, layout), pseudo, strict=True):
         assert float(jnp.linalg.norm(t)) > 0
         assert _rel(f, t) <= 1e-5
         assert _rel(p, t) <= 1e-5
@@ -118,11 +147,11 @@ def test_identity_editor_gives_true_gradient_smollm(smollm):
 def test_factors_gpt2_style(smollm):
     """Non-gated MLP with biases (GPT-2): δ of c_fc goes through act'(x W + b)."""
     lm = _tiny(smollm, "gpt2")
-    layout = mend.make_layout(lm.config, mend.MENDHparams(rank=8))
+    layout = make_layout(lm.config, MENDHparams(rank=8))
     assert layout.weights[:2] == (("mlp_up", 1), ("mlp_out", 1))
     x = _edit_input(lm)
     for f, t in zip(
-        mend.true_gradients(_factors(lm, layout, x), layout),
+        fa.true_gradients(_factors(lm, layout, x), layout),
         _true_grads(lm, layout, x),
         strict=True,
     ):
@@ -131,7 +160,7 @@ def test_factors_gpt2_style(smollm):
 
 def test_padding_and_tokens_after_labels_are_masked(smollm):
     lm = _tiny(smollm)
-    layout = mend.make_layout(lm.config, mend.MENDHparams(rank=8))
+    layout = make_layout(lm.config, MENDHparams(rank=8))
     x = _edit_input(lm)
     f = _factors(lm, layout, x)
     m = np.asarray(f.m["32x64"][0]).reshape(x.tokens.shape)
@@ -144,30 +173,15 @@ def test_padding_and_tokens_after_labels_are_masked(smollm):
 # ----------------------------------------------------------------------------- editor
 
 
-def _perturbed_editor(layout, hp, seed=0):
-    ed = mend.init_editor(jax.random.key(seed), layout, hp)
-    leaves, tree = jax.tree.flatten(ed)
-    keys = jax.random.split(jax.random.key(seed + 7), len(leaves))
-    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    return jax.tree.unflatten(tree, leaves)
-
-
 def test_vmapped_editor_equals_per_layer_loop(smollm):
     lm = _tiny(smollm)
-    hp = mend.MENDHparams(rank=8)
-    layout = mend.make_layout(lm.config, hp)
+    hp = MENDHparams(rank=8)
+    layout = make_layout(lm.config, hp)
     f = _factors(lm, layout, _edit_input(lm))
-    norm = mend.init_norm(layout)
-    for g in norm:  # real statistics, so the normalisation is exercised
-        norm[g] = mend.update_norm(
-            norm[g],
-            f.u[g].reshape(-1, f.u[g].shape[-1]),
-            f.d[g].reshape(-1, f.d[g].shape[-1]),
-            f.m[g].reshape(-1),
-        )
+    norm = _real_norm(layout, f)
     editor = _perturbed_editor(layout, hp)
-    vm, _ = mend.pseudo_gradients(editor, norm, layout, f, True)
-    loop = mend.pseudo_gradients_loop(editor, norm, layout, f, True)
+    vm, _ = ed.pseudo_gradients(editor, norm, layout, f, True)
+    loop = ed.pseudo_gradients_loop(editor, norm, layout, f, True)
     for a, b in zip(vm, loop, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.abs(b).max()))
     # the modes matter: the same factors through another layer's scale/shift differ
@@ -178,39 +192,183 @@ def test_update_norm_matches_sequential_welford():
     rng = np.random.default_rng(0)
     x1, x2 = rng.normal(2.0, 3.0, (7, 5)), rng.normal(-1.0, 0.5, (4, 5))
     m1, m2 = np.array([1, 1, 0, 1, 1, 1, 1], bool), np.ones(4, bool)
-    st = {
+    s = {
         "k": jnp.zeros(()),
         "u_mean": jnp.zeros(5),
         "u_m2": jnp.zeros(5),
         "d_mean": jnp.zeros(5),
         "d_m2": jnp.zeros(5),
     }
-    st = mend.update_norm(st, x1, x1, m1)
-    st = mend.update_norm(st, x2, x2, m2)
+    for x, m in ((x1, m1), (x2, m2)):
+        x, m = jnp.asarray(x, jnp.float32), jnp.asarray(m)
+        s = ed.update_norm(s, x, x, m)
     seen = np.concatenate([x1[m1], x2])
     # the reference's per-token update_counter, one token at a time
-    mean, s = seen[0].copy(), np.zeros(5)
+    mean, m2_ = seen[0].copy(), np.zeros(5)
     for k, x in enumerate(seen[1:], start=2):
         new = mean + (x - mean) / k
-        s, mean = s + (x - mean) * (x - new), new
-    assert float(st["k"]) == len(seen)
-    np.testing.assert_allclose(st["u_mean"], mean, rtol=1e-5)
-    np.testing.assert_allclose(st["u_m2"], s, rtol=1e-4)
-    np.testing.assert_allclose(mend._std(st["u_m2"], st["k"]), seen.std(0, ddof=1), rtol=1e-4)
+        m2_, mean = m2_ + (x - mean) * (x - new), new
+    assert float(s["k"]) == len(seen)
+    np.testing.assert_allclose(s["u_mean"], mean, rtol=1e-5)
+    np.testing.assert_allclose(s["u_m2"], m2_, rtol=1e-4)
+    np.testing.assert_allclose(ed.norm_std(s["u_m2"], s["k"]), seen.std(0, ddof=1), rtol=1e-4)
 
 
 def test_init_is_identity_and_trainable():
-    layout = mend.Layout((("mlp_out", 0), ("mlp_out", 1)), (("3x2", 3, 2, (0, 1)),))
-    hp = mend.MENDHparams(rank=4)
-    ed = mend.init_editor(jax.random.key(0), layout, hp)
+    layout = Layout((("mlp_out", 0), ("mlp_out", 1)), (("3x2", 3, 2, (0, 1)),))
+    hp = MENDHparams(rank=4)
+    e = ed.init_editor(jax.random.key(0), layout, hp)
     u, d = jnp.arange(6.0).reshape(2, 3) - 2, jnp.ones((2, 2))
-    norm = mend.init_norm(layout)["3x2"]
-    ut, dt = mend.transform(ed["nets"]["3x2"], norm, u, d, jnp.asarray(1), False)
+    norm = ed.init_norm(layout)["3x2"]
+    ut, dt = ed.transform(e["nets"]["3x2"], norm, u, d, jnp.asarray(1), False)
     np.testing.assert_array_equal(ut, u)
     np.testing.assert_array_equal(dt, d)
     # clamp(min=0) passes gradient at 0: the zero-initialised U gets a non-zero gradient
-    g = jax.grad(lambda e: jnp.sum(mend.transform(e, norm, u, d, 1, False)[0]))(ed["nets"]["3x2"])
+    g = jax.grad(lambda n: jnp.sum(ed.transform(n, norm, u, d, jnp.asarray(1), False)[0]))(
+        e["nets"]["3x2"]
+    )
     assert float(jnp.abs(g[0]["u"]).sum()) > 0
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+def _state(lm, hp, scale=1.0):
+    """A MEND state for a perturbed (non-identity) editor with real normaliser statistics."""
+    layout = make_layout(lm.config, hp)
+    norm = _real_norm(layout, _factors(lm, layout, _edit_input(lm)))
+    trained = ckpt.TrainedEditor(_perturbed_editor(layout, hp), norm, layout, hp, 0, {})
+    return trained, method.make_state(lm, trained, scale)
+
+
+REQUESTS = [
+    EditRequest("{} is located in", "The Eiffel Tower", "Rome"),
+    EditRequest("{}'s mother tongue is", "Danielle Darrieux", "English language"),
+]
+
+
+def test_compute_low_rank_equals_dense_edit_and_inverts(smollm):
+    """`compute` returns ΔW_l = η_l Ũᵀ Δ̃ as factors; applied, it equals the dense edit of the
+    same requests (`edit_params`, what training does); its inverse restores every param."""
+    lm = _tiny(smollm)
+    hp = MENDHparams(rank=8)
+    trained, state = _state(lm, hp)
+    edit, info = mend.METHOD.compute(lm, state, REQUESTS)
+    assert isinstance(edit, je.WeightEdit) and edit.meta["method"] == "mend"
+    assert [(d.site, d.layer) for d in edit.deltas] == list(trained.layout.weights)
+    n_tokens = sum(len(r.rewrite_prompt) for r in REQUESTS)  # an upper bound
+    for d in edit.deltas:  # rank = the tokens with a gradient at that weight
+        assert d.dense is None and 0 < d.left.shape[1] == info["ranks"][f"{d.site}.{d.layer}"]
+        assert d.left.shape[1] < n_tokens
+    assert set(info) >= {"edit_loss_before", "update_norms", "edit_lrs", "edit_scale", "seconds"}
+
+    tokens, mask, labels, n_pos = method.encode_requests(lm.tokenizer, REQUESTS)
+    x = inputs.labelled(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(labels), n_pos)
+    dense, rec = jax.jit(
+        lambda p: method.edit_params(
+            lm.config, p, trained.editor, trained.norm, trained.layout, x, True
+        )
+    )(lm.params)
+    lm2 = je.apply(lm, edit)
+    for (site, layer), norm in zip(trained.layout.weights, rec["update_norms"], strict=True):
+        w0 = get_weight(lm.params, site, layer)
+        want, got = get_weight(dense, site, layer), get_weight(lm2.params, site, layer)
+        assert float(jnp.abs(want - w0).max()) > 0
+        assert float(jnp.abs(got - want).max()) <= 1e-5 * float(jnp.abs(want - w0).max())
+        assert info["update_norms"][f"{site}.{layer}"] == pytest.approx(float(norm), rel=1e-4)
+    assert info["edit_loss_before"] == pytest.approx(float(rec["edit_loss"]), rel=1e-6)
+    lm0 = je.apply(lm2, edit.invert())
+    for a, b in zip(jax.tree.leaves(lm0.params), jax.tree.leaves(lm.params), strict=True):
+        assert float(jnp.abs(a - b).max()) <= 1e-5
+
+
+def test_edit_scale_is_linear_in_the_update(smollm):
+    """`edit_scale` multiplies η: 0 gives a zero update, 2 doubles every ΔW."""
+    lm = _tiny(smollm)
+    hp = MENDHparams(rank=8)
+    trained, _ = _state(lm, hp)
+    mats = {}
+    for scale in (0.0, 1.0, 2.0):
+        edit, info = mend.compute(lm, method.make_state(lm, trained, scale), REQUESTS[:1])
+        assert info["edit_scale"] == scale
+        mats[scale] = [d.matrix() for d in edit.deltas]
+    assert all(not m.any() for m in mats[0.0]) and any(np.abs(m).max() > 0 for m in mats[1.0])
+    for one, two in zip(mats[1.0], mats[2.0], strict=True):
+        np.testing.assert_allclose(two, 2 * one, rtol=1e-5, atol=1e-7)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(InputError, match="edit scale"):
+            method.make_state(lm, trained, bad)
+        with pytest.raises(ConfigError, match="edit_scale"):
+            MENDHparams(edit_scale=bad)
+
+
+def test_prepare_loads_an_editor_directory(smollm, tmp_path):
+    """Through `jaxedit.methods.get`: hparams(editor=DIR) -> prepare -> compute -> apply; an
+    editor is refused for another model; no editor is a clear error."""
+    lm = _tiny(smollm)
+    hp = MENDHparams(rank=8)
+    trained, state = _state(lm, hp)
+    ckpt.save_editor(tmp_path / "ed", lm, hp, trained.editor, trained.norm, step=3)
+    m = je.methods.get("mend")
+    assert m is mend.METHOD and "mend" in je.methods.names()
+    use = hp.replace(editor=str(tmp_path / "ed"), edit_scale=0.5)
+    loaded = m.prepare(lm, use)
+    assert loaded.trained.step == 3 and loaded.edit_scale == 0.5
+    edit, _ = m.compute(lm, loaded, REQUESTS[:1])
+    want, _ = m.compute(lm, method.make_state(lm, trained, 0.5), REQUESTS[:1])
+    for a, b in zip(edit.deltas, want.deltas, strict=True):
+        np.testing.assert_array_equal(a.matrix(), b.matrix())
+    with pytest.raises(CheckpointError, match="trained for model"):
+        m.prepare(_tiny(smollm, seed=5), use)
+    with pytest.raises(InputError, match="trained editor: set the hparams field editor"):
+        m.prepare(lm, hp)
+    with pytest.raises(CheckpointError, match="not empty"):
+        ckpt.save_editor(tmp_path / "ed", lm, hp, trained.editor, trained.norm)
+
+
+# ----------------------------------------------------------------------------- locality KL
+
+
+def test_locality_kl_positions_on_a_hand_built_case():
+    """ "all": the mean KL over every non-padding token of the locality input (the reference's
+    kl_loc_loss with the attention mask); "answer": over the positions predicting its answer."""
+    rng = np.random.default_rng(0)
+    pre, post = rng.normal(size=(2, 1, 6, 5)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 1, 1, 0]], bool)  # 5 tokens + 1 padding
+    labels = np.array([[0, 0, 0, 1, 1, 0]], bool)  # the answer: tokens 3 and 4
+
+    def kl(p, q):  # KL(softmax p ‖ softmax q), by hand
+        p, q = np.exp(p) / np.exp(p).sum(), np.exp(q) / np.exp(q).sum()
+        return float(np.sum(p * np.log(p / q)))
+
+    per_pos = [kl(pre[0, t], post[0, t]) for t in range(6)]
+    want = {"all": np.mean(per_pos[:5]), "answer": np.mean(per_pos[2:4])}
+    for positions, value in want.items():
+        m = losses.loc_kl_mask(jnp.asarray(mask), jnp.asarray(labels), positions)
+        got = losses.kl_loc(jnp.asarray(pre), jnp.asarray(post), m)
+        assert float(got) == pytest.approx(value, rel=1e-5), positions
+    assert want["all"] != pytest.approx(want["answer"], rel=1e-2)
+    with pytest.raises(ConfigError, match="loc_kl_positions"):
+        MENDHparams(loc_kl_positions="prompt")
+
+
+def test_training_loss_follows_loc_kl_positions(smollm, cases):
+    """The meta-loss's locality term is the KL the option names; both are always logged."""
+    lm, hp, layout, data = _train_setup(smollm, cases)
+    batch = data.take(mt.batch_indices(len(data), 0, hp.batch, hp.seed))
+    editor = _perturbed_editor(layout, hp)
+    norm = _real_norm(layout, _factors(lm, layout, _edit_input(lm)))
+    seen = {}
+    for positions in ("all", "answer"):
+        h = hp.replace(loc_kl_positions=positions)
+        _, ev = mt.jit_steps(lm.config, layout, h)
+        m = {k: float(v) for k, v in ev(lm.params, editor, norm, batch).items()}
+        assert m["loss/loc"] == m[f"kl/{positions}"] > 0
+        total = h.c_edit * m["loss/edit"] + h.c_loc * m["loss/loc"]
+        assert m["loss/total_edit"] == pytest.approx(total, rel=1e-5)
+        seen[positions] = m
+    assert seen["all"]["kl/all"] == pytest.approx(seen["answer"]["kl/all"], rel=1e-5)
+    assert seen["all"]["kl/all"] != pytest.approx(seen["all"]["kl/answer"], rel=1e-2)
 
 
 # ----------------------------------------------------------------------------- training
@@ -218,8 +376,8 @@ def test_init_is_identity_and_trainable():
 
 def _train_setup(smollm, cases):
     lm = _tiny(smollm)
-    hp = mend.MENDHparams(rank=8, batch=2, accumulate=2, lr=1e-3, lr_lr=1e-3, max_len=24)
-    layout = mend.make_layout(lm.config, hp)
+    hp = MENDHparams(rank=8, batch=2, accumulate=2, lr=1e-3, lr_lr=1e-3, max_len=24)
+    layout = make_layout(lm.config, hp)
     data = mt.tokenize_cases(lm.tokenizer, cases, hp.max_len, hp.max_target)
     return lm, hp, layout, data
 
@@ -230,7 +388,7 @@ def test_jit_train_step_equals_eager(smollm, cases):
     # one step performs the Adam update; the edit loss also on the edit input (the resume test
     # below covers the rephrase-only loss)
     hp = hp.replace(accumulate=1, inner_loss=True)
-    state = mt.init_state(layout, hp)
+    state = st.init_state(layout, hp)
     step_jit, _ = mt.jit_steps(lm.config, layout, hp)
     b = data.take(mt.batch_indices(len(data), 0, hp.batch, hp.seed))
     s_eager, m_eager = mt.train_step(lm.config, layout, hp, lm.params, state, b)
@@ -245,13 +403,13 @@ def test_jit_train_step_equals_eager(smollm, cases):
 
 def test_eta_optimiser_coupling():
     """η moves by lr_lr alone, or by lr + lr_lr when it is also an outer parameter (reference)."""
-    layout = mend.Layout((("mlp_out", 0),), (("3x2", 3, 2, (0,)),))
+    layout = Layout((("mlp_out", 0),), (("3x2", 3, 2, (0,)),))
     for outer, expect in ((False, 1e-3), (True, 1e-2 + 1e-3)):
-        hp = mend.MENDHparams(rank=2, lr=1e-2, lr_lr=1e-3, accumulate=1, eta_outer=outer)
-        ed = mend.init_editor(jax.random.key(0), layout, hp)
-        opt = mt.make_optimizer(hp, ed)
-        g = jax.tree.map(jnp.ones_like, ed)  # global norm < grad_clip: no clipping
-        upd, _ = opt.update(g, opt.init(ed), ed)
+        hp = MENDHparams(rank=2, lr=1e-2, lr_lr=1e-3, accumulate=1, eta_outer=outer)
+        e = ed.init_editor(jax.random.key(0), layout, hp)
+        opt = st.make_optimizer(hp, e)
+        g = jax.tree.map(jnp.ones_like, e)  # global norm < grad_clip: no clipping
+        upd, _ = opt.update(g, opt.init(e), e)
         np.testing.assert_allclose(upd["edit_lrs"], -expect, rtol=1e-4)  # Adam's first step: -lr
         np.testing.assert_allclose(upd["nets"]["3x2"][0]["u"], -1e-2, rtol=1e-4)
 
@@ -270,44 +428,44 @@ def test_resume_is_bit_identical(smollm, cases, tmp_path):
     kw = dict(steps=4, val_every=2, val_size=4, log_every=1, progress=False)
     full = mt.train(lm, cases, tmp_path / "full", hp, **kw)
     mt.train(lm, cases, tmp_path / "part", hp, stop_after=2, **kw)  # a "crash" after step 2
-    resumed = mt.train(lm, cases, tmp_path / "part", hp, resume=True, **kw)
+    # use-time fields (editor, edit_scale) are not part of the run: resuming with them is fine
+    use = hp.replace(editor="elsewhere", edit_scale=0.5)
+    resumed = mt.train(lm, cases, tmp_path / "part", use, resume=True, **kw)
     assert full["steps"] == resumed["steps"] == 4 and resumed["steps_this_run"] == 2
-    layout = mend.make_layout(lm.config, hp)
-    mgr_a = mt._manager(tmp_path / "full" / "checkpoints", 2)
-    mgr_b = mt._manager(tmp_path / "part" / "checkpoints", 2)
-    a, b = mt.restore_state(mgr_a, layout, hp), mt.restore_state(mgr_b, layout, hp)
+    layout = make_layout(lm.config, hp)
+    mgr_a = ckpt.manager(tmp_path / "full" / "checkpoints", 2)
+    mgr_b = ckpt.manager(tmp_path / "part" / "checkpoints", 2)
+    a, b = ckpt.restore_state(mgr_a, layout, hp), ckpt.restore_state(mgr_b, layout, hp)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     log_a = (tmp_path / "full" / "train_log.jsonl").read_text()
     log_b = (tmp_path / "part" / "train_log.jsonl").read_text()
     assert log_a == log_b  # the log too: no duplicated or lost lines
-    # the trained editor loads and edits
-    trained = mt.load_editor(tmp_path / "full", lm)
-    from jaxedit.requests import from_prompt
+    with pytest.raises(CheckpointError, match="another model or hparams"):
+        mt.train(lm, cases, tmp_path / "part", hp.replace(c_loc=2.0), resume=True, **kw)
 
-    edit = mend.make_editor(lm, trained)
-    res = edit(lm, [from_prompt("The Eiffel Tower is in", "The Eiffel Tower", "Rome")])
-    w = get_weight(res.model.params, "mlp_out", 3)
-    assert not np.array_equal(w, get_weight(lm.params, "mlp_out", 3))
-    assert np.array_equal(get_weight(lm.params, "mlp_out", 3), get_weight(lm.params, "mlp_out", 3))
-    assert set(res.summary) >= {"weights", "update_norms", "edit_lrs"}
+    # the trained editor edits through the protocol
+    m = je.methods.get("mend")
+    state = m.prepare(lm, hp.replace(editor=str(tmp_path / "full")))
+    edit, _ = m.compute(lm, state, REQUESTS[:1])
+    lm2 = je.apply(lm, edit)
+    assert not np.array_equal(
+        get_weight(lm2.params, "mlp_out", 3), get_weight(lm.params, "mlp_out", 3)
+    )
 
-    # errors: another model, corrupt checkpoints, missing directory
-    other = _tiny(smollm, seed=5)
-    with pytest.raises(CheckpointError, match="trained for model"):
-        mt.load_editor(tmp_path / "full", other)
+    # errors: corrupt checkpoints, missing directory
     with pytest.raises(CheckpointError, match="no such editor directory"):
-        mt.load_editor(tmp_path / "nowhere", lm)
+        ckpt.load_editor(tmp_path / "nowhere", lm)
     bad = tmp_path / "bad"
     shutil.copytree(tmp_path / "full", bad)
     for f in bad.rglob("*"):
         if f.is_file() and f.name != "config.json" and f.suffix != ".jsonl":
             f.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupt"):
-        mt.load_editor(bad, lm)
+        ckpt.load_editor(bad, lm)
     (bad / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt config"):
-        mt.load_editor(bad, lm)
+        ckpt.load_editor(bad, lm)
     # refusing to overwrite a finished run without --resume
     with pytest.raises(InputError, match="not empty"):
         mt.train(lm, cases, tmp_path / "full", hp, **kw)
@@ -336,50 +494,60 @@ def test_cli_empty_training_set_exits_2(tmp_path, capsys):
     assert "empty training set" in capsys.readouterr().err
 
 
-def test_edit_scale_is_linear_in_the_update(smollm):
-    """`scale` multiplies η: 0 leaves the model as it was, 2 doubles every weight update."""
-    from jaxedit.requests import from_prompt
-
-    lm = _tiny(smollm)
-    hp = mend.MENDHparams(rank=8)
-    layout = mend.make_layout(lm.config, hp)
-    trained = mt.TrainedEditor(
-        mend.init_editor(jax.random.key(0), layout, hp), mend.init_norm(layout), layout, hp, 0, {}
-    )
-    req = [from_prompt("The Eiffel Tower is in", "The Eiffel Tower", "Rome")]
-    deltas = {}
-    for scale in (0.0, 1.0, 2.0):
-        res = mend.make_editor(lm, trained, scale=scale)(lm, req)
-        assert res.summary["edit_scale"] == scale
-        deltas[scale] = [
-            np.asarray(get_weight(res.model.params, s, layer) - get_weight(lm.params, s, layer))
-            for s, layer in layout.weights
-        ]
-    assert all(not d.any() for d in deltas[0.0])
-    assert any(np.abs(d).max() > 0 for d in deltas[1.0])
-    for one, two in zip(deltas[1.0], deltas[2.0], strict=True):
-        np.testing.assert_allclose(two, 2 * one, rtol=1e-5, atol=1e-7)
-    for bad in (-1.0, float("nan")):
-        with pytest.raises(InputError, match="edit scale"):
-            mend.make_editor(lm, trained, scale=bad)
-
-
-def test_method_registered_and_needs_editor(smollm):
-    import argparse
-
-    from jaxedit.methods import legacy as methods
-
-    m = methods.get("mend")
-    p = argparse.ArgumentParser()
-    m.add_arguments(p)
-    with pytest.raises(InputError, match="--editor"):
-        m.prepare(smollm, p.parse_args([]))
-
-
-def test_presets_load(smollm):
+def test_hparams_through_the_one_loader(smollm):
+    """Presets by name, by model (hub ids included) or JSON; no silent fallback to the paper's
+    values for a model without a preset; unknown keys refused."""
+    m = mend.METHOD
     for name in ("gpt2-xl", "gpt-j", "llama-7b", "smollm2-135m"):
-        hp = mend.load_hparams(name)
-        assert len(hp.weights) in (6, 9)
-    assert mend.hparams_for(smollm.config, smollm.name).weights[-1] == ("mlp_out", 29)
-    with pytest.raises(InputError, match="presets"):
-        mend.load_hparams("no-such-model")
+        hp = m.hparams(name)
+        assert len(hp.weights) in (6, 9) and hp.editor is None and hp.edit_scale == 1.0
+    assert m.hparams(smollm.name).weights[-1] == ("mlp_out", 29)
+    # a hub id maps to its preset (it used to fall back silently to the paper's defaults)
+    assert m.hparams("EleutherAI/gpt-j-6B").weights[0] == ("mlp_up", 25)
+    with pytest.raises(InputError, match="no hyperparameter preset"):
+        m.hparams("EleutherAI/gpt-neo-2.7B")
+    with pytest.raises(ConfigError, match="unknown hparams keys"):
+        m.hparams("smollm2-135m", edit_lrs=1.0)
+    hp = m.hparams("smollm2-135m", editor="editors/x", edit_scale=0.5)
+    assert (hp.editor, hp.edit_scale) == ("editors/x", 0.5)
+    assert "editor" not in hp.training_dict() and "edit_scale" not in hp.training_dict()
+    # an editor saved before loc_kl_positions existed was trained on answer positions
+    old = {k: v for k, v in hp.training_dict().items() if k != "loc_kl_positions"}
+    assert MENDHparams.from_dict(old).loc_kl_positions == "answer"
+
+
+# ----------------------------------------------------------------------------- package shape
+
+
+def _imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, imported names) of every import in a file, function-level ones included."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+    return out
+
+
+def test_mend_package_has_no_cycles_or_private_imports():
+    modules = {p.stem: p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    prefix = "jaxedit.methods.mend"
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for mod, names in _imports(path):
+            assert not any(n.startswith("_") for n in names), f"{name} imports private {names}"
+            assert mod != prefix, f"{name} imports the package (its __init__ imports it back)"
+            if mod.startswith(prefix + "."):
+                deps.add(mod.split(".")[-1])
+        graph[name] = deps
+
+    def visit(node, stack):
+        assert node not in stack, f"import cycle {' -> '.join([*stack, node])}"
+        for dep in graph.get(node, ()):
+            visit(dep, [*stack, node])
+
+    for name in graph:
+        visit(name, [])
+    assert graph["checkpoint"] and "train" not in graph["checkpoint"]  # the old cycle

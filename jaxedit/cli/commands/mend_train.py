@@ -13,6 +13,14 @@ def add_arguments(p):
     p.add_argument("--format", default="auto", choices=("auto", "counterfact", "zsre"))
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--hparams", help="preset name or JSON path (default: the model's preset)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="hparam_overrides",
+        help="override one hparams field, e.g. --set loc_kl_positions=answer (repeatable)",
+    )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, help="edits per step (default: from hparams)")
     p.add_argument("--val-every", type=int, default=50, help="validate + checkpoint every K")
@@ -24,14 +32,19 @@ def add_arguments(p):
 
 
 def run(args) -> dict:
-    from jaxedit.methods.mend.editor import hparams_for, load_hparams
+    from jaxedit import hparams as hparams_lib
+    from jaxedit.methods.mend import METHOD
     from jaxedit.methods.mend.train import load_cases, train
 
     cases = load_cases(args.data, args.format, args.limit)  # bad data fails before loading
-    lm = load_model(args)
-    hp = load_hparams(args.hparams) if args.hparams else hparams_for(lm.config, lm.name)
+    overrides = hparams_lib.parse_assignments(METHOD.hparams_cls, args.hparam_overrides)
     if args.batch:
-        hp = hp.replace(batch=args.batch)
+        overrides["batch"] = args.batch
+    if args.hparams:  # a bad preset or key fails before loading the model too
+        hp = METHOD.hparams(args.hparams, **overrides)
+    lm = load_model(args)
+    if not args.hparams:
+        hp = METHOD.hparams(lm.name, **overrides)
     return train(
         lm,
         cases,

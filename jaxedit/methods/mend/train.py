@@ -5,19 +5,15 @@ One step, for a batch of B independent edits (vmapped):
     1. u, δ of the edit loss on  prompt + target_new  (one grad per edit; constants below),
     2. fold every token's u, δ into the running mean / std (MEND's normaliser, training mode),
     3. W̃ = W + η ∇̃W  per edit, then on the edited model
-       L = c_edit · NLL(target_new | rephrase) + c_loc · KL(p_W ‖ p_W̃)  on the locality input,
+       L = c_edit · NLL(target_new | rephrase) + c_loc · KL(p_W ‖ p_W̃)  on the locality input
+       (KL at every token of it, or only where it predicts its answer: `loc_kl_positions`),
     4. Adam on (editor, η) — clipped by global norm, accumulated over `accumulate` steps
        (optax.MultiSteps), η stepped with lr_lr (+ lr when `eta_outer`: the reference steps η
        with both of its optimisers, whose Adam directions coincide).
 
 The data order is a pure function of (seed, step), and the checkpoint holds editor, normaliser,
 optimiser state, step and early-stopping state, so a resumed run continues bit-identically.
-
-Directory written by `train`:
-    config.json        model name + fingerprint, edited weights, hparams, data
-    checkpoints/<step> orbax: the full training state (last two kept)
-    best/<step>        orbax: editor + normaliser with the best validation loss
-    train_log.jsonl    one JSON line per logged step / validation
+Files: `jaxedit.methods.mend.checkpoint`.
 """
 
 from __future__ import annotations
@@ -27,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,29 +31,34 @@ import numpy as np
 import optax
 
 from jaxedit.errors import CheckpointError, InputError
-from jaxedit.methods.mend.editor import (
-    Labelled,
-    Layout,
-    MENDHparams,
-    apply_updates,
-    encode_pair,
+from jaxedit.methods.mend.checkpoint import (
+    manager,
+    read_config,
+    restore_state,
+    save_best,
+    save_state,
+    write_json_atomic,
+)
+from jaxedit.methods.mend.editor import apply_updates, pseudo_gradients, update_norm
+from jaxedit.methods.mend.factors import (
     first_layer,
     gradient_factors,
-    init_editor,
-    init_norm,
-    kl_loc,
-    label_accuracy,
-    labelled,
-    make_layout,
-    nll,
-    pad_pairs,
     prefix_resid,
-    pseudo_gradients,
     shift_layout,
     split_top,
     top_forward,
-    update_norm,
 )
+from jaxedit.methods.mend.hparams import Layout, MENDHparams, make_layout
+from jaxedit.methods.mend.inputs import (
+    Labelled,
+    answer_positions,
+    encode_pair,
+    every_position,
+    labelled,
+    pad_pairs,
+)
+from jaxedit.methods.mend.losses import kl_loc, label_accuracy, loc_kl_mask, nll
+from jaxedit.methods.mend.state import TrainState, init_state, make_optimizer
 
 # ----------------------------------------------------------------------------- data
 
@@ -105,7 +106,8 @@ def load_cases(path: str | os.PathLike, fmt: str = "auto", limit: int | None = N
                 raise InputError(f"unknown format {fmt!r} (counterfact | zsre | auto)")
         except (KeyError, TypeError) as e:
             raise InputError(f"{p}: a record lacks field {e} for format {fmt!r}") from e
-        if all(isinstance(x, str) and x.strip() for x in (c.prompt, c.target, c.rephrase)):
+        fields = (c.prompt, c.target, c.rephrase, c.loc_prompt, c.loc_answer)
+        if all(isinstance(x, str) and x.strip() for x in fields):
             cases.append(c)
     if not cases:
         raise InputError(f"{p}: empty training set (no usable records)")
@@ -159,42 +161,13 @@ def batch_indices(n: int, step: int, batch: int, seed: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- the step
 
 
-class TrainState(NamedTuple):
-    step: jax.Array
-    editor: dict
-    norm: dict
-    opt_state: Any
-    best_val: jax.Array  # early stopping: best validation loss so far
-    since_best: jax.Array  # validations without improvement
-
-
-def make_optimizer(hp: MENDHparams, editor: dict) -> optax.GradientTransformation:
-    # η is stepped by its own Adam (lr_lr) and, as in the reference, by the editor's (lr); two
-    # Adams on the same gradient take steps in the same direction, so one Adam with the summed lr.
-    eta_lr = hp.lr_lr + (hp.lr if hp.eta_outer else 0.0)
-    labels = {"edit_lrs": "lrs", "nets": jax.tree.map(lambda _: "nets", editor["nets"])}
-    inner = optax.chain(
-        optax.clip_by_global_norm(hp.grad_clip),
-        optax.multi_transform({"nets": optax.adam(hp.lr), "lrs": optax.adam(eta_lr)}, labels),
-    )
-    return optax.MultiSteps(inner, every_k_schedule=max(hp.accumulate, 1))
-
-
-def init_state(layout: Layout, hp: MENDHparams) -> TrainState:
-    editor = init_editor(jax.random.key(hp.seed), layout, hp)
-    opt = make_optimizer(hp, editor)
-    return TrainState(
-        jnp.zeros((), jnp.int32),
-        editor,
-        init_norm(layout),
-        opt.init(editor),
-        jnp.asarray(jnp.inf, jnp.float32),
-        jnp.zeros((), jnp.int32),
-    )
-
-
 def _labelled(part, hp: MENDHparams) -> Labelled:
     return labelled(part[0], part[1], part[2], hp.max_target)
+
+
+def _loc_rows(loc) -> Labelled:
+    """The locality input scored at every position: both KL definitions read from it."""
+    return every_position(loc[0], loc[1])
 
 
 def _prepare_edit(cfg, layout, hp, params, inner, outer, loc):
@@ -202,13 +175,13 @@ def _prepare_edit(cfg, layout, hp, params, inner, outer, loc):
     logits of the locality input. Nothing here depends on the editor."""
     first = first_layer(layout)
     cfg_top, top = split_top(cfg, params, first)
-    x_in, x_out, x_loc = (_labelled(p, hp) for p in (inner, outer, loc))
+    x_in, x_loc = _labelled(inner, hp), _loc_rows(loc)
     # one prefix pass for the three sequences
     h0 = prefix_resid(
         cfg,
         params,
-        jnp.concatenate([x_in.tokens, x_out.tokens, x_loc.tokens]),
-        jnp.concatenate([x_in.mask, x_out.mask, x_loc.mask]),
+        jnp.concatenate([inner[0], outer[0], loc[0]]),
+        jnp.concatenate([inner[1], outer[1], loc[1]]),
         first,
     )
     h_in, h_out, h_loc = (None, None, None) if h0 is None else (h0[:1], h0[1:2], h0[2:])
@@ -224,31 +197,34 @@ def _edited_losses(cfg, layout, hp, params, editor, norm, prepared, inner, outer
     cfg_top, top = split_top(cfg, params, first)
     grads, _ = pseudo_gradients(editor, norm, layout, factors, hp.norm)
     new_top = apply_updates(top, shift_layout(layout, first), editor["edit_lrs"], grads)
-    x_out, x_loc = _labelled(outer, hp), _labelled(loc, hp)
-    # the scored inputs share one forward of the edited blocks: [edit input], rephrase, locality
-    rows, hs = [x_out, x_loc], [h_out, h_loc]
+    x_out = _labelled(outer, hp)
+    # the edit rows share one forward of the edited blocks: [edit input,] rephrase
+    rows, hs = [x_out], [h_out]
     if hp.inner_loss:
         rows, hs = [_labelled(inner, hp), *rows], [h_in, *hs]
-    both = Labelled(*(jnp.concatenate(a) for a in zip(*rows, strict=True)))
-    h0 = None if h_out is None else jnp.concatenate(hs)
-    logits = top_forward(cfg_top, new_top, both, h0).logits
-    post_edit, post_loc = logits[:-1], logits[-1:]
-    post_outer = logits[-2:-1]
-    x_edit = Labelled(*(a[:-1] for a in both))
-    l_edit = nll(post_edit, x_edit)  # token mean over the edit rows, as the reference's NLL
-    l_loc = kl_loc(pre_loc, post_loc, x_loc.valid)
+    x_edit = Labelled(*(jnp.concatenate(a) for a in zip(*rows, strict=True)))
+    h_edit = None if h_out is None else jnp.concatenate(hs)
+    post_edit = top_forward(cfg_top, new_top, x_edit, h_edit)
+    # the locality row at every position (its own forward: P differs from the edit rows')
+    post_loc = top_forward(cfg_top, new_top, _loc_rows(loc), h_loc).logits
+    l_edit = nll(post_edit.logits, x_edit)  # token mean over the edit rows (reference's NLL)
+    mask, labels = loc[1], loc[2]
+    kl = {p: kl_loc(pre_loc, post_loc, loc_kl_mask(mask, labels, p)) for p in ("all", "answer")}
     # locality: answer tokens whose argmax prediction the edit left unchanged
-    same = (jnp.argmax(post_loc, -1) == jnp.argmax(pre_loc, -1)) & x_loc.valid
-    keep = jnp.sum(same) / jnp.maximum(jnp.sum(x_loc.valid), 1)
+    answer = answer_positions(labels) & mask
+    same = (jnp.argmax(post_loc, -1) == jnp.argmax(pre_loc, -1)) & answer
+    keep = jnp.sum(same) / jnp.maximum(jnp.sum(answer), 1)
     metrics = {
         "loss/edit": l_edit,
-        "loss/loc": l_loc,
-        "edit/acc": label_accuracy(post_outer, x_out),
+        "loss/loc": kl[hp.loc_kl_positions],
+        "kl/all": kl["all"],
+        "kl/answer": kl["answer"],
+        "edit/acc": label_accuracy(post_edit.logits[-1:], x_out),
         "loc/acc": keep,
     }
     if hp.inner_loss:
-        metrics["edit/acc_inner"] = label_accuracy(logits[:1], rows[0])
-    return hp.c_edit * l_edit + hp.c_loc * l_loc, metrics
+        metrics["edit/acc_inner"] = label_accuracy(post_edit.logits[:1], rows[0])
+    return hp.c_edit * l_edit + hp.c_loc * kl[hp.loc_kl_positions], metrics
 
 
 def _prepare_batch(cfg, layout, hp, params, batch: EditBatch):
@@ -302,102 +278,6 @@ def jit_steps(cfg, layout, hp):
     return step, ev
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-@dataclass(frozen=True)
-class TrainedEditor:
-    editor: dict
-    norm: dict
-    layout: Layout
-    hparams: MENDHparams
-    step: int
-    config: dict
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def _manager(directory: Path, keep: int):
-    import orbax.checkpoint as ocp
-
-    return ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    )
-
-
-def _state_tree(state: TrainState) -> dict:
-    return dict(state._asdict())
-
-
-def save_state(mgr, state: TrainState) -> None:
-    import orbax.checkpoint as ocp
-
-    mgr.save(int(state.step), args=ocp.args.StandardSave(_state_tree(state)))
-    mgr.wait_until_finished()
-
-
-def restore_state(mgr, layout: Layout, hp: MENDHparams, step: int | None = None) -> TrainState:
-    import orbax.checkpoint as ocp
-
-    abstract = jax.eval_shape(lambda: _state_tree(init_state(layout, hp)))
-    step = mgr.latest_step() if step is None else step
-    try:
-        tree = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # orbax raises many types for truncated / foreign files
-        raise CheckpointError(f"corrupt or mismatched MEND checkpoint at step {step} ({e})") from e
-    return TrainState(**tree)
-
-
-def _read_config(directory: Path) -> dict:
-    path = directory / "config.json"
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: no such editor directory")
-    if not path.exists():
-        raise CheckpointError(f"{directory}: no config.json (not a `jaxedit mend-train` output)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: corrupt config ({e})") from e
-
-
-def load_editor(directory: str | os.PathLike, lm) -> TrainedEditor:
-    """The best (else latest) editor in `directory`, refused if trained for other weights."""
-    import orbax.checkpoint as ocp
-
-    d = Path(directory).absolute()
-    conf = _read_config(d)
-    fp = lm.fingerprint()
-    if conf.get("fingerprint") != fp:
-        raise CheckpointError(
-            f"{d}: editor trained for model {conf.get('model')!r} (fingerprint "
-            f"{conf.get('fingerprint')}), not for {lm.name!r} (fingerprint {fp})"
-        )
-    hp = MENDHparams.from_dict(conf["hparams"])
-    layout = make_layout(lm.config, hp)
-    for sub in ("best", "checkpoints"):
-        if not (d / sub).is_dir():
-            continue
-        mgr = _manager(d / sub, 1 if sub == "best" else 2)
-        step = mgr.latest_step()
-        if step is None:
-            continue
-        if sub == "checkpoints":
-            tree = restore_state(mgr, layout, hp, step)._asdict()
-        else:
-            st = init_state(layout, hp)
-            abstract = jax.eval_shape(lambda st=st: {"editor": st.editor, "norm": st.norm})
-            try:
-                tree = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
-            except Exception as e:  # orbax raises many types for truncated / foreign files
-                raise CheckpointError(f"{d / sub}: corrupt editor checkpoint ({e})") from e
-        return TrainedEditor(tree["editor"], tree["norm"], layout, hp, int(step), conf)
-    raise CheckpointError(f"{d}: no editor checkpoint (training never saved)")
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -418,6 +298,50 @@ def evaluate(ev, params, editor, norm, data: EditBatch, batch: int) -> dict:
     return {f"{k}_val": v / n_batches for k, v in sums.items()}
 
 
+def _run_config(lm, layout: Layout, hp: MENDHparams, data_name: str, n_train: int, n_val: int):
+    return {
+        "model": lm.name,
+        "fingerprint": lm.fingerprint(),
+        "model_config": lm.config.to_dict(),
+        "weights": [f"{s}.{layer}" for s, layer in layout.weights],
+        "groups": {n: {"in": i, "out": o, "members": list(m)} for n, i, o, m in layout.groups},
+        "hparams": hp.training_dict(),
+        "data": data_name,
+        "n_train": n_train,
+        "n_val": n_val,
+    }
+
+
+def _open_run(out: Path, conf: dict, resume: bool) -> None:
+    """Create `out` (or check that a resumed run matches it) and write its config."""
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise InputError(f"{out} exists and is not empty; pass --resume or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if resume and (out / "config.json").exists():
+        old = read_config(out)
+        same_hp = MENDHparams.from_dict(old["hparams"]).training_dict() == conf["hparams"]
+        if old.get("fingerprint") != conf["fingerprint"] or not same_hp:
+            raise CheckpointError(f"{out}: trained for another model or hparams; cannot resume")
+    write_json_atomic(out / "config.json", conf)
+
+
+def _validate(ev, params, state: TrainState, val: EditBatch, hp: MENDHparams, best_mgr, log):
+    """Validation metrics; the early-stopping state updated and the best editor saved."""
+    vm = evaluate(ev, params, state.editor, state.norm, val, hp.batch)
+    better = vm["loss/total_edit_val"] < float(state.best_val)
+    if better:
+        state = state._replace(
+            best_val=jnp.asarray(vm["loss/total_edit_val"], jnp.float32),
+            since_best=jnp.zeros((), jnp.int32),
+        )
+        save_best(best_mgr, state)
+    else:
+        state = state._replace(since_best=state.since_best + 1)
+    log.write(json.dumps({"step": int(state.step), "best": better, **_fmt(vm)}) + "\n")
+    log.flush()
+    return state
+
+
 def train(
     lm,
     cases: list[Case],
@@ -436,43 +360,23 @@ def train(
 ) -> dict:
     """Meta-train an editor; returns a summary. `stop_after` ends the run early (for tests)."""
     out = Path(out_dir).absolute()
-    cfg, tok = lm.config, lm.tokenizer
-    layout = make_layout(cfg, hp)
-    data = tokenize_cases(tok, cases, hp.max_len, hp.max_target)
+    layout = make_layout(lm.config, hp)
+    data = tokenize_cases(lm.tokenizer, cases, hp.max_len, hp.max_target)
     if len(data) <= val_size:
         raise InputError(f"only {len(data)} usable cases; need more than val_size={val_size}")
     val = data.take(np.arange(len(data) - val_size, len(data)))
     train_data = data.take(np.arange(len(data) - val_size))
-    fingerprint = lm.fingerprint()
-    conf = {
-        "model": lm.name,
-        "fingerprint": fingerprint,
-        "model_config": cfg.to_dict(),
-        "weights": [f"{s}.{layer}" for s, layer in layout.weights],
-        "groups": {n: {"in": i, "out": o, "members": list(m)} for n, i, o, m in layout.groups},
-        "hparams": hp.to_dict(),
-        "data": data_name,
-        "n_train": len(train_data),
-        "n_val": val_size,
-    }
-    ckpt_dir = out / "checkpoints"
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise InputError(f"{out} exists and is not empty; pass --resume or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    if resume and (out / "config.json").exists():
-        old = _read_config(out)
-        if old.get("fingerprint") != fingerprint or old.get("hparams") != conf["hparams"]:
-            raise CheckpointError(f"{out}: trained for another model or hparams; cannot resume")
-    _write_json_atomic(out / "config.json", conf)
+    conf = _run_config(lm, layout, hp, data_name, len(train_data), val_size)
+    _open_run(out, conf, resume)
 
-    mgr, best_mgr = _manager(ckpt_dir, 2), _manager(out / "best", 1)
+    mgr, best_mgr = manager(out / "checkpoints", 2), manager(out / "best", 1)
     state = init_state(layout, hp)
     if resume and mgr.latest_step() is not None:
         state = restore_state(mgr, layout, hp)
     start = int(state.step)
     log_path = out / "train_log.jsonl"
     _truncate_log(log_path, start)
-    step_fn, ev = jit_steps(cfg, layout, hp)
+    step_fn, ev = jit_steps(lm.config, layout, hp)
     params = lm.params
 
     bar = None
@@ -506,18 +410,7 @@ def train(
             if bar is not None:
                 bar.update(1)
             if s % val_every == 0 or s == steps:
-                vm = evaluate(ev, params, state.editor, state.norm, val, hp.batch)
-                better = vm["loss/total_edit_val"] < float(state.best_val)
-                state = state._replace(
-                    best_val=jnp.asarray(vm["loss/total_edit_val"], jnp.float32)
-                    if better
-                    else state.best_val,
-                    since_best=jnp.zeros((), jnp.int32) if better else state.since_best + 1,
-                )
-                if better:
-                    _save_best(best_mgr, state)
-                log.write(json.dumps({"step": s, "best": better, **_fmt(vm)}) + "\n")
-                log.flush()
+                state = _validate(ev, params, state, val, hp, best_mgr, log)
                 save_state(mgr, state)  # state after validation: resumes with the same stopper
                 if int(state.since_best) >= patience:
                     stopped = True
@@ -544,15 +437,6 @@ def train(
         "n_train": len(train_data),
         "weights": conf["weights"],
     }
-
-
-def _save_best(mgr, state: TrainState) -> None:
-    import orbax.checkpoint as ocp
-
-    mgr.save(
-        int(state.step), args=ocp.args.StandardSave({"editor": state.editor, "norm": state.norm})
-    )
-    mgr.wait_until_finished()
 
 
 def _truncate_log(path: Path, step: int) -> None:
