@@ -1,12 +1,12 @@
 """Evaluation throughput: batched teacher-forced scoring vs one query at a time.
 
-Both sides run the same jitted scoring function (`jaxedit.eval.scoring._lm_scores`: forward with
+Both sides run the same jitted scoring function (`jaxedit.eval.kernels.lm_scores`: forward with
 logits only at the scored positions, then log-softmax and gather) on the same queries (the
 rewrite / paraphrase / neighbourhood queries of CounterFact cases, `--method none`):
 
   - baseline: a straightforward loop, one (prompt, target) row per call (rows padded only to
     the same T / P shape buckets, so it compiles as rarely as the batched side);
-  - batched: `metrics.score_ids`, rows grouped by length bucket, chunks of 8/32/128 rows, and
+  - batched: `scoring.score_ids`, rows grouped by length bucket, chunks of 8/32/128 rows, and
     the one-token targets of a prompt read off one row of that prompt (`share_rows`: the
     logits at the prompt's last token do not depend on what follows it); also timed with one
     row per query (`share=False`) to show what batching alone gives.
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from jaxedit.eval import datasets as data
-from jaxedit.eval import runner as evaluate
-from jaxedit.eval import scoring as metrics
+from jaxedit.eval import scoring
+from jaxedit.eval.measure import queries
 from jaxedit.io.checkpoint import load
 
 DATA = Path(__file__).parent.parent.parent / "shared" / "data" / "counterfact"
@@ -40,10 +40,10 @@ OUT = Path(__file__).parent / "results" / "eval.json"
 
 
 def one_at_a_time(lm, p_ids, t_ids):
-    score = metrics.lm_scorer(lm)
+    score = scoring.lm_scorer(lm)
     out = []
     for p, t in zip(p_ids, t_ids, strict=True):
-        pk = metrics.pack([p], [t], pad_id=lm.tokenizer.pad_id, rows=1)
+        pk = scoring.pack([p], [t], pad_id=lm.tokenizer.pad_id, rows=1)
         lp, _ = score(pk.tokens, pk.mask, pk.positions, pk.targets)
         out.append(np.asarray(lp)[0, : len(t)])
     return out
@@ -57,8 +57,8 @@ def main() -> None:
 
     lm = load("smollm2-135m")
     reqs = data.load(args.data, n=args.cases).requests
-    pairs = sorted({(p, t) for r in reqs for _, p, t in evaluate.queries(r)})
-    p_ids, t_ids = metrics.encode_queries(
+    pairs = sorted({(p, t) for r in reqs for _, p, t in queries(r)})
+    p_ids, t_ids = scoring.encode_queries(
         lm.tokenizer, [p for p, _ in pairs], [t for _, t in pairs]
     )
     print(f"{len(reqs)} cases -> {len(pairs)} unique (prompt, target) queries", flush=True)
@@ -67,26 +67,26 @@ def main() -> None:
     # loop; the batched call once).
     seen, warm = set(), []
     for p, t in zip(p_ids, t_ids, strict=True):
-        pk = metrics.pack([p], [t], rows=1)
+        pk = scoring.pack([p], [t], rows=1)
         if pk.tokens.shape + pk.targets.shape not in seen:
             seen.add(pk.tokens.shape + pk.targets.shape)
             warm.append((p, t))
     one_at_a_time(lm, [p for p, _ in warm], [t for _, t in warm])
-    metrics.score_ids(metrics.lm_scorer(lm), p_ids, t_ids, pad_id=lm.tokenizer.pad_id)
+    scoring.score_ids(scoring.lm_scorer(lm), p_ids, t_ids, pad_id=lm.tokenizer.pad_id)
 
     t0 = time.perf_counter()
     loop = one_at_a_time(lm, p_ids, t_ids)
     t_loop = time.perf_counter() - t0
-    metrics.score_ids(metrics.lm_scorer(lm), p_ids, t_ids, pad_id=lm.tokenizer.pad_id, share=False)
+    scoring.score_ids(scoring.lm_scorer(lm), p_ids, t_ids, pad_id=lm.tokenizer.pad_id, share=False)
     t0 = time.perf_counter()
-    unshared = metrics.score_ids(
-        metrics.lm_scorer(lm), p_ids, t_ids, pad_id=lm.tokenizer.pad_id, share=False
+    unshared = scoring.score_ids(
+        scoring.lm_scorer(lm), p_ids, t_ids, pad_id=lm.tokenizer.pad_id, share=False
     )
     t_unshared = time.perf_counter() - t0
     t0 = time.perf_counter()
-    batched = metrics.score_ids(metrics.lm_scorer(lm), p_ids, t_ids, pad_id=lm.tokenizer.pad_id)
+    batched = scoring.score_ids(scoring.lm_scorer(lm), p_ids, t_ids, pad_id=lm.tokenizer.pad_id)
     t_batch = time.perf_counter() - t0
-    n_rows = len(metrics.share_rows(p_ids, t_ids))
+    n_rows = len(scoring.share_rows(p_ids, t_ids))
 
     diff = max(
         float(np.abs(a - b).max())
@@ -107,14 +107,14 @@ def main() -> None:
             "cases_per_s": len(reqs) / t_loop,
         },
         "batched_one_row_per_query": {
-            "name": "metrics.score_ids(share=False): batches of one length bucket, 8/32/128 rows",
+            "name": "scoring.score_ids(share=False): batches of one length bucket, 8/32/128 rows",
             "seconds": t_unshared,
             "queries_per_s": n / t_unshared,
             "cases_per_s": len(reqs) / t_unshared,
             "speedup": t_loop / t_unshared,
         },
         "batched": {
-            "name": "metrics.score_ids (the default): the same batches, and the one-token "
+            "name": "scoring.score_ids (the default): the same batches, and the one-token "
             "targets of a prompt read off one row of that prompt (share_rows)",
             "rows": n_rows,
             "seconds": t_batch,

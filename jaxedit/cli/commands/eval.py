@@ -1,33 +1,39 @@
 """jaxedit eval: edit with a method, measure reliability / generalization / locality, summarise.
 
     jaxedit eval --method rome --data counterfact-edit.json --n 50 --known-only --out runs/rome
+    jaxedit eval --method ike --set demos=pool.json --data DATA --mode sequential --every 10
 
-Every registered method's own flags (`--hparams`, `--editor`, `--demos`, ...) are accepted; a
-flag two methods share is defined once (by the first method, in name order).
+The method runs through the protocol only (`jaxedit.methods`: hparams -> prepare -> compute ->
+`jaxedit.apply`); its settings come from its hparams dataclass (`--hparams PRESET|FILE`,
+`--set key=value`), and results.json records them. `--generation` adds fluency (ROME's
+decoding by default: top-k 5 sampling, 100 tokens, seeded by `--seed`); with `--snippets
+attribute_snippets.json` (ROME's file) also consistency, on data that carries relation and
+target ids (ROME-form CounterFact, MQuAKE).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 from pathlib import Path
 
-from jaxedit.cli.shared import SharedFlags, load_model
+from jaxedit.cli.method_args import add_method_arguments, hparams_json, method_and_hparams
+from jaxedit.cli.shared import load_model
 from jaxedit.errors import InputError
-from jaxedit.eval import datasets as data_mod
-from jaxedit.eval import runner as evaluate
-from jaxedit.eval import scoring as metrics
-from jaxedit.methods import legacy as methods
+from jaxedit.eval import datasets, report, runner
+from jaxedit.eval.datasets.snippets import load_snippets
+from jaxedit.eval.generation import DECODINGS, DEFAULT_DECODING, Decoding
 
 NAME = "eval"
 HELP = "evaluate an editing method on CounterFact / zsRE / KnowEdit / MQuAKE (with baseline)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="none", help="editing method (`jaxedit.methods`)")
+    add_method_arguments(p, default="none")
     p.add_argument("--data", help="data file (CounterFact, zsRE, KnowEdit or MQuAKE JSON)")
     p.add_argument(
-        "--format", default="auto", choices=["auto", *data_mod.FORMATS], help="data format"
+        "--format", default="auto", choices=["auto", *datasets.FORMATS], help="data format"
     )
     p.add_argument("--n", type=int, default=None, help="number of records (default: all)")
     p.add_argument("--offset", type=int, default=0, help="first record")
@@ -36,53 +42,72 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records")
     p.add_argument("--known-only", action="store_true", help="keep facts the model knows")
-    p.add_argument("--mode", default="independent", choices=evaluate.MODES)
+    p.add_argument("--mode", default="independent", choices=runner.MODES)
     p.add_argument("--every", type=int, default=None, help="sequential: measure every N edits")
     p.add_argument("--batch-size", type=int, default=None, help="batch mode: requests per edit")
     p.add_argument("--out", default=None, help="output directory (default: runs/eval/METHOD-DATA)")
     p.add_argument("--resume", action="store_true", help="skip cases already in --out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--generation", action="store_true", help="also fluency (and consistency)")
-    p.add_argument("--idf-corpus", default=None, help="raw text file to fit TF-IDF on")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample and of generation")
+    g = p.add_argument_group("generation metrics")
+    g.add_argument("--generation", action="store_true", help="also fluency (and consistency)")
+    g.add_argument(
+        "--decoding",
+        default=DEFAULT_DECODING,
+        choices=sorted(DECODINGS),
+        help=f"how texts are generated (default {DEFAULT_DECODING}: ROME's top-k 5 sampling)",
+    )
+    g.add_argument(
+        "--gen-length", type=int, default=None, help="tokens per text, prompt included (100)"
+    )
+    g.add_argument(
+        "--snippets",
+        default=None,
+        help="ROME attribute_snippets.json: consistency references (needs --generation)",
+    )
     p.add_argument("--no-progress", action="store_true")
-    for name in methods.names():
-        m = methods.get(name)
-        group = p.add_argument_group(f"{name} options")
-        m.add_arguments(SharedFlags(p, group))
 
 
-def _select(args) -> data_mod.Dataset:
+def _select(args) -> datasets.Dataset:
     if not args.data:
         raise InputError("--data is required (a CounterFact / zsRE / KnowEdit / MQuAKE file)")
     if args.n is not None and args.n <= 0:
         raise InputError(f"--n must be positive, got {args.n}")
     if not args.sample:
-        return data_mod.load(
+        return datasets.load(
             args.data, format=args.format, n=args.n, offset=args.offset, skip_bad=args.skip_bad
         )
-    ds = data_mod.load(args.data, format=args.format, offset=args.offset, skip_bad=args.skip_bad)
-    groups = data_mod.group_cases(ds.requests)
+    ds = datasets.load(args.data, format=args.format, offset=args.offset, skip_bad=args.skip_bad)
+    groups = datasets.group_cases(ds.requests)
     if args.n is not None and args.n < len(groups):
         groups = random.Random(args.seed).sample(groups, args.n)
     reqs = [r for g in groups for r in g]
-    return data_mod.Dataset(reqs, ds.format, ds.path, ds.n_bad, ds.n_records, ds.bad)
+    return dataclasses.replace(ds, requests=reqs)
+
+
+def _decoding(args) -> Decoding | None:
+    if not args.generation:
+        if args.snippets:
+            raise InputError("--snippets are the references of generated texts: add --generation")
+        return None
+    d = dataclasses.replace(DECODINGS[args.decoding], seed=args.seed)
+    if args.gen_length is not None:
+        d = dataclasses.replace(d, max_out_len=args.gen_length)
+    return d
 
 
 def run(args) -> dict:
     ds = _select(args)
-    method = methods.get(args.method)
+    decoding = _decoding(args)
+    snippets = load_snippets(args.snippets) if args.snippets else None
     lm = load_model(args)
-    edit = method.prepare(lm, args)
-    tfidf = None
-    if args.generation and args.idf_corpus:
-        tfidf = metrics.TfIdf.fit(metrics.load_corpus(args.idf_corpus))
-    out = args.out or str(Path("runs") / "eval" / f"{args.method}-{Path(args.data).stem}")
-    hparams = getattr(args, "hparams", None)
-    result = evaluate.evaluate(
+    method, hp = method_and_hparams(args, lm)
+    state = method.prepare(lm, hp, cache_dir=args.cache_dir, progress=not args.no_progress)
+    out = args.out or str(Path("runs") / "eval" / f"{method.name}-{Path(args.data).stem}")
+    result = runner.evaluate(
         lm,
         ds.requests,
-        edit,
-        method=args.method,
+        method,
+        state,
         mode=args.mode,
         known_only=args.known_only,
         every=args.every,
@@ -90,20 +115,20 @@ def run(args) -> dict:
         out=out,
         resume=args.resume,
         progress=not args.no_progress,
-        generation=args.generation,
-        tfidf=tfidf,
+        generation=decoding,
+        snippets=snippets,
         info={
             "data": ds.path,
             "format": ds.format,
             "offset": args.offset,
             "seed": args.seed,
             "n_bad": ds.n_bad,
-            "hparams": hparams if hparams is None or isinstance(hparams, str) else str(hparams),
+            "hparams": hparams_json(hp),
         },
     )
     result["out"] = out
-    return evaluate.as_jsonable(result)
+    return report.as_jsonable(result)
 
 
 def render(r: dict) -> str:
-    return evaluate.render(r) + f"\n(results in {r['out']}/results.json, results.md)"
+    return report.render(r) + f"\n(results in {r['out']}/results.json, results.md)"
