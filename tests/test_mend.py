@@ -116,6 +116,18 @@ def _real_norm(layout, f):
     return norm
 
 
+@pytest.fixture(scope="module")
+def tiny(smollm):
+    """The tiny Llama, rank-8 hparams, its layout, an edit input, its factors (one compile for
+    the whole module) and normaliser statistics of those factors."""
+    lm = _tiny(smollm)
+    hp = MENDHparams(rank=8)
+    layout = make_layout(lm.config, hp)
+    x = _edit_input(lm)
+    f = _factors(lm, layout, x)
+    return lm, hp, layout, x, f, _real_norm(layout, f)
+
+
 def _perturbed_editor(layout, hp, seed=0):
     e = ed.init_editor(jax.random.key(seed), layout, hp)
     leaves, tree = jax.tree.flatten(e)
@@ -158,11 +170,8 @@ def test_factors_gpt2_style(smollm):
         assert _rel(f, t) <= 1e-5
 
 
-def test_padding_and_tokens_after_labels_are_masked(smollm):
-    lm = _tiny(smollm)
-    layout = make_layout(lm.config, MENDHparams(rank=8))
-    x = _edit_input(lm)
-    f = _factors(lm, layout, x)
+def test_padding_and_tokens_after_labels_are_masked(tiny):
+    lm, _, layout, x, f, _ = tiny
     m = np.asarray(f.m["32x64"][0]).reshape(x.tokens.shape)
     assert not m[~np.asarray(x.mask)].any()  # padding
     last_label = np.asarray(x.pos).max(1) + 1
@@ -173,12 +182,8 @@ def test_padding_and_tokens_after_labels_are_masked(smollm):
 # ----------------------------------------------------------------------------- editor
 
 
-def test_vmapped_editor_equals_per_layer_loop(smollm):
-    lm = _tiny(smollm)
-    hp = MENDHparams(rank=8)
-    layout = make_layout(lm.config, hp)
-    f = _factors(lm, layout, _edit_input(lm))
-    norm = _real_norm(layout, f)
+def test_vmapped_editor_equals_per_layer_loop(tiny):
+    _, hp, layout, _, f, norm = tiny
     editor = _perturbed_editor(layout, hp)
     vm, _ = ed.pseudo_gradients(editor, norm, layout, f, True)
     loop = ed.pseudo_gradients_loop(editor, norm, layout, f, True)
@@ -233,10 +238,9 @@ def test_init_is_identity_and_trainable():
 # ----------------------------------------------------------------------------- the protocol
 
 
-def _state(lm, hp, scale=1.0):
+def _state(tiny, scale=1.0):
     """A MEND state for a perturbed (non-identity) editor with real normaliser statistics."""
-    layout = make_layout(lm.config, hp)
-    norm = _real_norm(layout, _factors(lm, layout, _edit_input(lm)))
+    lm, hp, layout, _, _, norm = tiny
     trained = ckpt.TrainedEditor(_perturbed_editor(layout, hp), norm, layout, hp, 0, {})
     return trained, method.make_state(lm, trained, scale)
 
@@ -247,12 +251,11 @@ REQUESTS = [
 ]
 
 
-def test_compute_low_rank_equals_dense_edit_and_inverts(smollm):
+def test_compute_low_rank_equals_dense_edit_and_inverts(tiny):
     """`compute` returns ΔW_l = η_l Ũᵀ Δ̃ as factors; applied, it equals the dense edit of the
     same requests (`edit_params`, what training does); its inverse restores every param."""
-    lm = _tiny(smollm)
-    hp = MENDHparams(rank=8)
-    trained, state = _state(lm, hp)
+    lm = tiny[0]
+    trained, state = _state(tiny)
     edit, info = mend.METHOD.compute(lm, state, REQUESTS)
     assert isinstance(edit, je.WeightEdit) and edit.meta["method"] == "mend"
     assert [(d.site, d.layer) for d in edit.deltas] == list(trained.layout.weights)
@@ -282,11 +285,10 @@ def test_compute_low_rank_equals_dense_edit_and_inverts(smollm):
         assert float(jnp.abs(a - b).max()) <= 1e-5
 
 
-def test_edit_scale_is_linear_in_the_update(smollm):
+def test_edit_scale_is_linear_in_the_update(tiny):
     """`edit_scale` multiplies η: 0 gives a zero update, 2 doubles every ΔW."""
-    lm = _tiny(smollm)
-    hp = MENDHparams(rank=8)
-    trained, _ = _state(lm, hp)
+    lm = tiny[0]
+    trained, _ = _state(tiny)
     mats = {}
     for scale in (0.0, 1.0, 2.0):
         edit, info = mend.compute(lm, method.make_state(lm, trained, scale), REQUESTS[:1])
@@ -302,12 +304,11 @@ def test_edit_scale_is_linear_in_the_update(smollm):
             MENDHparams(edit_scale=bad)
 
 
-def test_prepare_loads_an_editor_directory(smollm, tmp_path):
+def test_prepare_loads_an_editor_directory(smollm, tiny, tmp_path):
     """Through `jaxedit.methods.get`: hparams(editor=DIR) -> prepare -> compute -> apply; an
     editor is refused for another model; no editor is a clear error."""
-    lm = _tiny(smollm)
-    hp = MENDHparams(rank=8)
-    trained, state = _state(lm, hp)
+    lm, hp = tiny[0], tiny[1]
+    trained, _ = _state(tiny)
     ckpt.save_editor(tmp_path / "ed", lm, hp, trained.editor, trained.norm, step=3)
     m = je.methods.get("mend")
     assert m is mend.METHOD and "mend" in je.methods.names()
@@ -352,12 +353,11 @@ def test_locality_kl_positions_on_a_hand_built_case():
         MENDHparams(loc_kl_positions="prompt")
 
 
-def test_training_loss_follows_loc_kl_positions(smollm, cases):
+def test_training_loss_follows_loc_kl_positions(smollm, tiny, cases):
     """The meta-loss's locality term is the KL the option names; both are always logged."""
     lm, hp, layout, data = _train_setup(smollm, cases)
     batch = data.take(mt.batch_indices(len(data), 0, hp.batch, hp.seed))
-    editor = _perturbed_editor(layout, hp)
-    norm = _real_norm(layout, _factors(lm, layout, _edit_input(lm)))
+    editor, norm = _perturbed_editor(layout, hp), tiny[5]
     seen = {}
     for positions in ("all", "answer"):
         h = hp.replace(loc_kl_positions=positions)
@@ -501,7 +501,7 @@ def test_hparams_through_the_one_loader(smollm):
     for name in ("gpt2-xl", "gpt-j", "llama-7b", "smollm2-135m"):
         hp = m.hparams(name)
         assert len(hp.weights) in (6, 9) and hp.editor is None and hp.edit_scale == 1.0
-    assert m.hparams(smollm.name).weights[-1] == ("mlp_out", 29)
+    assert m.hparams(smollm).weights[-1] == m.hparams(smollm.name).weights[-1] == ("mlp_out", 29)
     # a hub id maps to its preset (it used to fall back silently to the paper's defaults)
     assert m.hparams("EleutherAI/gpt-j-6B").weights[0] == ("mlp_up", 25)
     with pytest.raises(InputError, match="no hyperparameter preset"):

@@ -44,7 +44,7 @@ def run(args) -> dict:
         hp = METHOD.hparams(args.hparams, **overrides)
     lm = load_model(args)
     if not args.hparams:
-        hp = METHOD.hparams(lm.name, **overrides)
+        hp = METHOD.hparams(lm, **overrides)
     return train(
         lm,
         cases,

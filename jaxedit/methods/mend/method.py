@@ -34,7 +34,7 @@ from jaxedit.methods.mend.editor import (
     transformed_factors,
 )
 from jaxedit.methods.mend.factors import edit_factors
-from jaxedit.methods.mend.hparams import Layout, MENDHparams
+from jaxedit.methods.mend.hparams import Layout, MENDHparams, make_layout
 from jaxedit.methods.mend.inputs import Labelled, encode_pair, labelled, pad_pairs
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.lm import LanguageModel
@@ -88,14 +88,21 @@ def encode_requests(
 # ----------------------------------------------------------------------------- the protocol
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "layout", "use_norm", "n_pos"))
+def _run(params, editor, norm, tokens, mask, labels, *, cfg, layout, use_norm, n_pos):
+    """`transformed_edit` of padded token arrays; compiled once per model, editor layout,
+    length bucket and number of target tokens (shared by every state of the same editor)."""
+    x = labelled(tokens, mask, labels, n_pos)
+    return transformed_edit(cfg, params, editor, norm, layout, x, use_norm)
+
+
 @dataclass(frozen=True)
 class MENDState:
-    """What `prepare` builds: the trained editor, the scale and the jitted factor function."""
+    """What `prepare` builds: the trained editor, the step-size scale, where it came from."""
 
     trained: TrainedEditor
     edit_scale: float
-    run: object  # (params, editor, norm, tokens, mask, labels, n_pos) -> (loss, tilde, mask)
-    directory: str
+    directory: str = ""
 
 
 def prepare(lm: LanguageModel, hp: MENDHparams, opts: PrepareOptions) -> MENDState:
@@ -114,18 +121,13 @@ def prepare(lm: LanguageModel, hp: MENDHparams, opts: PrepareOptions) -> MENDSta
 def make_state(
     lm: LanguageModel, trained: TrainedEditor, edit_scale: float = 1.0, directory: str = ""
 ) -> MENDState:
-    """The state `compute` needs for an editor already in memory (jitted once per length
-    bucket and number of target tokens)."""
+    """The state `compute` needs, for an editor already in memory (its layout must be the one
+    its hparams give on this model)."""
+    if make_layout(lm.config, trained.hparams) != trained.layout:
+        raise InputError(f"the editor's layout does not fit model {lm.name!r}")
     if not (np.isfinite(edit_scale) and edit_scale >= 0):
         raise InputError(f"edit scale must be a finite number ≥ 0, not {edit_scale}")
-    cfg, layout, thp = lm.config, trained.layout, trained.hparams
-
-    @functools.partial(jax.jit, static_argnums=6)
-    def run(params, editor, norm, tokens, mask, labels, n_pos):
-        x = labelled(tokens, mask, labels, n_pos)
-        return transformed_edit(cfg, params, editor, norm, layout, x, thp.norm)
-
-    return MENDState(trained, float(edit_scale), run, directory)
+    return MENDState(trained, float(edit_scale), directory)
 
 
 def compute(
@@ -135,8 +137,17 @@ def compute(
     t0 = time.perf_counter()
     trained = state.trained
     tokens, mask, labels, n_pos = encode_requests(lm.tokenizer, requests)
-    loss, tilde, keep = state.run(
-        lm.params, trained.editor, trained.norm, tokens, mask, labels, n_pos
+    loss, tilde, keep = _run(
+        lm.params,
+        trained.editor,
+        trained.norm,
+        tokens,
+        mask,
+        labels,
+        cfg=lm.config,
+        layout=trained.layout,
+        use_norm=trained.hparams.norm,
+        n_pos=n_pos,
     )
     etas = np.asarray(trained.editor["edit_lrs"], np.float32) * state.edit_scale
     deltas, norms = _deltas(trained.layout, tilde, keep, etas)
