@@ -8,8 +8,9 @@ import pytest
 from test_model_parity import FAMILIES, GOLDENS
 
 from jaxedit.errors import ConfigError
+from jaxedit.io.checkpoint import param_slots
 from jaxedit.models.config import ModelConfig
-from jaxedit.models.families import config_from_hf, config_to_hf
+from jaxedit.models.families import SUPPORTED_MODEL_TYPES, config_from_hf, config_to_hf, weight_map
 
 
 def hf(family: str) -> dict:
@@ -60,6 +61,11 @@ def test_dict_round_trip(family):
         ("qwen2", {"use_sliding_window": True}, "use_sliding_window"),
         ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
         ("gpt2", {"scale_attn_weights": False}, "scale_attn_weights"),
+        ("gptj", {"tie_word_embeddings": True}, "tie_word_embeddings"),
+        ("gpt_neox", {"num_key_value_heads": 2}, "num_key_value_heads"),
+        ("qwen2", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+        ("mistral", {"layer_types": ["full_attention", "full_attention"]}, "layer_types"),
+        ("llama", {"sliding_window": 4}, "sliding_window"),  # llama has none: not ignorable
     ],
 )
 def test_refusals_name_the_problem(family, change, message):
@@ -67,3 +73,54 @@ def test_refusals_name_the_problem(family, change, message):
     d = {k: v for k, v in d.items() if v is not None}
     with pytest.raises(ConfigError, match=message):
         config_from_hf(d)
+
+
+def test_every_supported_model_type_has_a_golden():
+    assert sorted(SUPPORTED_MODEL_TYPES) == sorted(FAMILIES)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "change", "expect"),
+    [
+        # transformers' modeling code: llama reads attention_bias / mlp_bias, qwen2 always has
+        # q/k/v biases and never o / MLP ones, mistral has none, whatever the config says
+        ("llama", {"attention_bias": True}, dict(qkv_bias=True, attn_out_bias=True)),
+        ("llama", {"mlp_bias": True}, dict(mlp_bias=True, qkv_bias=False)),
+        ("qwen2", {"attention_bias": True}, dict(qkv_bias=True, attn_out_bias=False)),
+        (
+            "mistral",
+            {"attention_bias": True, "mlp_bias": True},
+            dict(qkv_bias=False, mlp_bias=False),
+        ),
+        # a field transformers omits when it equals the class default (False for these)
+        ("llama", {"tie_word_embeddings": None}, dict(tie_embeddings=False)),
+        ("qwen2", {"tie_word_embeddings": None}, dict(tie_embeddings=False)),
+        ("gpt2", {"tie_word_embeddings": None}, dict(tie_embeddings=True)),
+        ("gpt2", {"tie_word_embeddings": False}, dict(tie_embeddings=False)),
+    ],
+)
+def test_family_variants_follow_transformers(model_type, change, expect):
+    d = {k: v for k, v in {**hf(model_type), **change}.items() if v is not None}
+    cfg = config_from_hf(d)
+    assert {k: getattr(cfg, k) for k in expect} == expect
+    assert config_from_hf(config_to_hf(cfg)) == cfg
+
+
+VARIANTS = [(f, {}) for f in FAMILIES] + [
+    ("gpt2", {"tie_embeddings": False}),
+    ("gpt_neox", {"tie_embeddings": True, "qkv_bias": False, "attn_out_bias": False}),
+    ("llama", {"tie_embeddings": False, "qkv_bias": True, "attn_out_bias": True, "mlp_bias": True}),
+]
+
+
+@pytest.mark.parametrize(("family", "change"), VARIANTS)
+def test_weight_map_fills_every_param_exactly_once(family, change):
+    """Each family's table, for each bias / tying option, covers the param layout with no gap
+    (a gap would leave memory uninitialised) and no overlap, and names each HF tensor once."""
+    cfg = config_from_hf(hf(family)).replace(**change)
+    entries = weight_map(cfg)
+    slots = [(path, e.layer) for e in entries for path in e.paths]
+    assert len(slots) == len(set(slots))
+    assert set(slots) == param_slots(cfg)
+    names = [e.hf for e in entries]
+    assert len(names) == len(set(names))

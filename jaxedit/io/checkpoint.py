@@ -95,6 +95,17 @@ def _aligned_empty(shape: tuple[int, ...], dtype, align: int = 4096) -> np.ndarr
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
+def param_slots(cfg: ModelConfig) -> set[tuple[tuple[str, ...], int | None]]:
+    """Every (param path, layer) a weight map must fill: block params once per layer."""
+    leaves = jax.tree_util.tree_leaves_with_path(param_shapes(cfg))
+    paths = [tuple(k.key for k in path) for path, _ in leaves]
+    return {
+        (p, layer)
+        for p in paths
+        for layer in (range(cfg.n_layers) if p[0] == "blocks" else (None,))
+    }
+
+
 def fill_params(cfg: ModelConfig, source, dtype: str) -> Params:
     """Read every tensor of the family's weight map from `source` into the stacked layout."""
     family = families.for_config(cfg)
@@ -132,6 +143,9 @@ def fill_params(cfg: ModelConfig, source, dtype: str) -> Params:
     )
     if extra:
         raise CheckpointError(f"checkpoint has tensors jaxedit would ignore: {extra[:8]}")
+    unfilled = sorted(param_slots(cfg) - filled, key=str)
+    if unfilled:  # a gap in the family's weight map: never hand out uninitialised memory
+        raise CheckpointError(f"the {cfg.family} weight map leaves params unfilled: {unfilled[:8]}")
     # The buffers are private to this call, so letting the device arrays alias them is safe.
     return jax.device_put(buffers)
 
