@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import jaxedit as je
 from jaxedit.io.checkpoint import load
 from jaxedit.methods import mend
+from jaxedit.methods.mend import data as md
 from jaxedit.methods.mend import editor as ed
 from jaxedit.methods.mend import factors as fa
 from jaxedit.methods.mend import inputs, losses, method
@@ -115,17 +116,17 @@ def edit_latency(lm, hp, requests, n: int) -> dict:
 
 def train_throughput(lm, hp, n_steps: int) -> dict:
     layout = mend.make_layout(lm.config, hp)
-    cases = mt.load_cases(DATA / "counterfact-train.json", limit=200)
-    data = mt.tokenize_cases(lm.tokenizer, cases, hp.max_len, hp.max_target)
+    cases = md.load_cases(DATA / "counterfact-train.json", limit=200)
+    data = md.tokenize_cases(lm.tokenizer, cases, hp.max_len, hp.max_target)
     step, _ = mt.jit_steps(lm.config, layout, hp)
     state = mstate.init_state(layout, hp)
     t0 = time.perf_counter()
-    state, m = step(lm.params, state, data.take(mt.batch_indices(len(data), 0, hp.batch, 0)))
+    state, m = step(lm.params, state, data.take(md.batch_indices(len(data), 0, hp.batch, 0)))
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for s in range(1, n_steps + 1):
-        state, m = step(lm.params, state, data.take(mt.batch_indices(len(data), s, hp.batch, 0)))
+        state, m = step(lm.params, state, data.take(md.batch_indices(len(data), s, hp.batch, 0)))
         jax.block_until_ready(m)
     secs = (time.perf_counter() - t0) / n_steps
     return {

@@ -17,6 +17,7 @@ import jaxedit as je
 from jaxedit.errors import CheckpointError, ConfigError, InputError
 from jaxedit.methods import mend
 from jaxedit.methods.mend import checkpoint as ckpt
+from jaxedit.methods.mend import data as md
 from jaxedit.methods.mend import editor as ed
 from jaxedit.methods.mend import factors as fa
 from jaxedit.methods.mend import inputs, losses, method
@@ -69,7 +70,7 @@ def _tiny(smollm, family="llama", seed=0) -> LanguageModel:
 
 @pytest.fixture(scope="module")
 def cases(data_dir):
-    return mt.load_cases(f"{data_dir}/counterfact/counterfact-train.json", limit=40)
+    return md.load_cases(f"{data_dir}/counterfact/counterfact-train.json", limit=40)
 
 
 def _edit_input(lm, n=2):
@@ -356,7 +357,7 @@ def test_locality_kl_positions_on_a_hand_built_case():
 def test_training_loss_follows_loc_kl_positions(smollm, tiny, cases):
     """The meta-loss's locality term is the KL the option names; both are always logged."""
     lm, hp, layout, data = _train_setup(smollm, cases)
-    batch = data.take(mt.batch_indices(len(data), 0, hp.batch, hp.seed))
+    batch = data.take(md.batch_indices(len(data), 0, hp.batch, hp.seed))
     editor, norm = _perturbed_editor(layout, hp), tiny[5]
     seen = {}
     for positions in ("all", "answer"):
@@ -378,7 +379,7 @@ def _train_setup(smollm, cases):
     lm = _tiny(smollm)
     hp = MENDHparams(rank=8, batch=2, accumulate=2, lr=1e-3, lr_lr=1e-3, max_len=24)
     layout = make_layout(lm.config, hp)
-    data = mt.tokenize_cases(lm.tokenizer, cases, hp.max_len, hp.max_target)
+    data = md.tokenize_cases(lm.tokenizer, cases, hp.max_len, hp.max_target)
     return lm, hp, layout, data
 
 
@@ -390,7 +391,7 @@ def test_jit_train_step_equals_eager(smollm, cases):
     hp = hp.replace(accumulate=1, inner_loss=True)
     state = st.init_state(layout, hp)
     step_jit, _ = mt.jit_steps(lm.config, layout, hp)
-    b = data.take(mt.batch_indices(len(data), 0, hp.batch, hp.seed))
+    b = data.take(md.batch_indices(len(data), 0, hp.batch, hp.seed))
     s_eager, m_eager = mt.train_step(lm.config, layout, hp, lm.params, state, b)
     s_jit, m_jit = step_jit(lm.params, state, b)
     assert float(m_eager["loss/total_edit"]) > 0 and "edit/acc_inner" in m_jit
@@ -415,8 +416,8 @@ def test_eta_optimiser_coupling():
 
 
 def test_batch_indices_pure_and_cover_epochs():
-    a = [mt.batch_indices(10, s, 4, 3) for s in range(5)]
-    b = [mt.batch_indices(10, s, 4, 3) for s in range(5)]
+    a = [md.batch_indices(10, s, 4, 3) for s in range(5)]
+    b = [md.batch_indices(10, s, 4, 3) for s in range(5)]
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
     flat = np.concatenate(a)
     assert sorted(flat[:10]) == list(range(10))  # first epoch is a permutation
@@ -477,12 +478,12 @@ def test_resume_is_bit_identical(smollm, cases, tmp_path):
 def test_empty_or_bad_training_set(tmp_path):
     (tmp_path / "empty.json").write_text("[]")
     with pytest.raises(InputError, match="empty training set"):
-        mt.load_cases(tmp_path / "empty.json")
+        md.load_cases(tmp_path / "empty.json")
     with pytest.raises(InputError, match="not found"):
-        mt.load_cases(tmp_path / "missing.json")
+        md.load_cases(tmp_path / "missing.json")
     (tmp_path / "wrong.json").write_text(json.dumps([{"prompt": "a"}]))
     with pytest.raises(InputError, match="lacks field"):
-        mt.load_cases(tmp_path / "wrong.json")
+        md.load_cases(tmp_path / "wrong.json")
 
 
 def test_cli_empty_training_set_exits_2(tmp_path, capsys):

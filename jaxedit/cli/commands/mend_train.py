@@ -34,7 +34,8 @@ def add_arguments(p):
 def run(args) -> dict:
     from jaxedit import hparams as hparams_lib
     from jaxedit.methods.mend import METHOD
-    from jaxedit.methods.mend.train import load_cases, train
+    from jaxedit.methods.mend.data import load_cases
+    from jaxedit.methods.mend.train import train
 
     cases = load_cases(args.data, args.format, args.limit)  # bad data fails before loading
     overrides = hparams_lib.parse_assignments(METHOD.hparams_cls, args.hparam_overrides)

@@ -9,6 +9,7 @@
 One concern per module, imported in this order (no cycles):
     hparams     MENDHparams, Layout (which weights, which share an editor net)
     inputs      prompt + answer token arrays and the positions to score
+    data        training cases (CounterFact / zsRE), tokenised, and the batch order
     losses      NLL, edit accuracy, locality KL (and which positions it reads)
     factors     u_t, δ_t of the edit loss: ∇_W L = Σ_t u_t δ_tᵀ; prefix residual, sub-model
     editor      IDMLP + normaliser as pytrees; pseudo-gradients ∇̃_W = Σ_t ũ_t δ̃_tᵀ
@@ -17,10 +18,11 @@ One concern per module, imported in this order (no cycles):
     train       pure train_step / eval_step and the resumable loop
     method      prepare / compute on the editing protocol
 
-Deliberate differences from eric-mitchell/mend (each documented where it lives): η may start
-negative and be stepped by its own optimiser only (`eta_outer`), the edit loss may score the edit
-input too (`inner_loss`), and the locality KL may be restricted to answer positions
-(`loc_kl_positions`; default "all", as the reference).
+Options that depart from eric-mitchell/mend, each off by default and documented in `hparams`
+(the smollm2 preset says which it turns on, and why): η stepped by its own optimiser only
+(`eta_outer=False`), the edit loss also on the edit input (`inner_loss`), the locality KL only
+at answer positions (`loc_kl_positions="answer"`; default "all", as the reference). Presets may
+also start η negative (the identity editor's W + η ∇W is gradient descent only for η < 0).
 """
 
 from __future__ import annotations

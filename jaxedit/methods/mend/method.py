@@ -106,7 +106,7 @@ class MENDState:
 
 
 def prepare(lm: LanguageModel, hp: MENDHparams, opts: PrepareOptions) -> MENDState:
-    """Load the editor named by `hp.editor` (refused if trained for other weights) and jit.
+    """Load the editor named by `hp.editor` (refused if trained for other weights).
 
     The editor's own training hparams (its config.json) define its network and the weights it
     edits; of `hp` only `editor` and `edit_scale` are read."""
