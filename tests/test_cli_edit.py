@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import torch_available
 
+import jaxedit as je
 from jaxedit import cli
 from jaxedit.cli import shared as _common
 from jaxedit.io.checkpoint import load_hf_dir
-from jaxedit.methods import rome
 
 PROMPT = "{} is located in the city of"
 SUBJECT = "The Eiffel Tower"
@@ -37,19 +37,29 @@ def _run(capsys, *argv):
     [
         (["--prompt", "The Louvre is in", "--subject", SUBJECT, "--target", "Rome"], "not found"),
         (["--prompt", PROMPT, "--subject", SUBJECT, "--target", " "], "empty target"),
-        (["--prompt", PROMPT, "--subject", SUBJECT, "--target", "Rome", "--layer", "99"],
+        (["--prompt", PROMPT, "--subject", SUBJECT, "--target", "Rome", "--set", "layer=99"],
          "out of range"),
-        (["--prompt", PROMPT, "--subject", SUBJECT, "--target", "Rome", "--method", "nope"],
-         "unknown method"),
+        (["--prompt", PROMPT, "--subject", SUBJECT, "--target", "Rome", "--set", "layr=3"],
+         "no such key"),
+        (["--prompt", PROMPT, "--subject", SUBJECT, "--target", "Rome", "--hparams", "gpt-9"],
+         "no hyperparameter preset"),
+        (["--prompt", PROMPT, "--subject", SUBJECT, "--target", "Rome", "--set", "demos=x.json",
+          "--method", "ike"], "x.json"),
         (["--prompt", PROMPT, "--subject", SUBJECT], "required"),
     ],
 )  # fmt: skip
 def test_edit_errors_exit_2_without_traceback(use_smollm, capsys, tmp_path, argv, message):
-    save = tmp_path / "out"
-    rc, out, err = _run(capsys, "edit", *argv, "--save", str(save), "--no-mom2")
+    save, edit_file = tmp_path / "out", tmp_path / "e.safetensors"
+    rc, out, err = _run(capsys, "edit", *argv, "--save", str(save), "--save-edit", str(edit_file))
     assert rc == 2
     assert message in err and "Traceback" not in err
-    assert not save.exists()  # nothing saved
+    assert not save.exists() and not edit_file.exists()  # nothing saved
+
+
+def test_unknown_method_is_refused_by_the_parser(use_smollm, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["edit", "--method", "nope", "--prompt", PROMPT])
+    assert exit_.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
 
 
 def test_edit_refuses_non_empty_save_dir(use_smollm, capsys, tmp_path):
@@ -59,17 +69,16 @@ def test_edit_refuses_non_empty_save_dir(use_smollm, capsys, tmp_path):
     assert rc == 2 and "not empty" in err
 
 
-def test_edit_json_save_and_delta(use_smollm, capsys, tmp_path, data_dir):
+def test_edit_json_save_and_edit_file(use_smollm, capsys, tmp_path, data_dir):
     smollm = use_smollm
-    tfile = tmp_path / "templates.json"
-    tfile.write_text(json.dumps(TEMPLATES))
     corpus = os.path.join(data_dir, "wikitext", "wiki.test.raw")
     rc, out, err = _run(
         capsys, "edit", "--method", "rome", "--prompt", PROMPT, "--subject", SUBJECT,
-        "--target", "Rome", "--check", "The capital of Germany is", "--templates-file",
-        str(tfile), "--stats-corpus", corpus, "--stats-tokens", "4096",
-        "--stats-cache", str(tmp_path / "cache"), "--save", str(tmp_path / "model"),
-        "--save-delta", str(tmp_path / "delta.npz"), "--json",
+        "--target", "Rome", "--check", "The capital of Germany is",
+        "--set", f"context_templates={json.dumps(TEMPLATES)}", "--set", f"mom2_corpus={corpus}",
+        "--set", "mom2_n_tokens=4096", "--cache-dir", str(tmp_path / "cache"),
+        "--save", str(tmp_path / "model"), "--save-edit", str(tmp_path / "e.safetensors"),
+        "--json",
     )  # fmt: skip
     assert rc == 0, err
     r = json.loads(out)
@@ -83,14 +92,16 @@ def test_edit_json_save_and_delta(use_smollm, capsys, tmp_path, data_dir):
     assert r["before"][0]["top"][0]["token"] == " Paris"
     assert r["after"][0]["top"][0]["token"] == " Rome"
     assert r["after"][1]["top"][0]["token"] == r["before"][1]["top"][0]["token"]
-    assert r["delta"]["layer"] == rome.load_hparams("smollm2-135m").layer
-    assert r["delta"]["norm"] > 0
-    assert set(r["seconds"]) == {"stats", "edit"}
-    # the saved delta re-applied to the original params equals the saved model's weights
-    recs = rome.load_deltas(r["saved_delta"])
+    layer = je.methods.get("rome").hparams("smollm2-135m").layer
+    assert r["edit"]["weights"] == [f"mlp_out.{layer}"] and r["edit"]["norm"] > 0
+    assert r["hparams"]["context_templates"] == TEMPLATES and r["info"]["templates"] == 3
+    assert set(r["seconds"]) == {"prepare", "edit"}
+    # the saved edit re-applied to the original params equals the saved model's weights
+    edited = je.apply(smollm, je.load_edit(r["saved_edit"]))
     saved = load_hf_dir(tmp_path / "model")
-    edited = rome.apply_deltas(smollm.params, recs)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), saved.params, edited)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), saved.params, edited.params
+    )
     assert (tmp_path / "model" / "config.json").exists()
     if torch_available():  # transformers reads the edited model and says " Rome" too
         import torch
