@@ -74,7 +74,7 @@ def test_restoring_before_subject_leaves_the_corrupted_score(smollm):
         )
         return float(jnp.mean(jax.nn.softmax(out.logits[:, 0])[:, answer]))
 
-    def restored(site: str, token: int, layers) -> float:
+    def restored(site: str, token: int | list[int], layers) -> float:
         value = clean.captured[site]  # [L 1 T X], broadcast over the S corrupted rows
         return p_answer({site: make_patch(cfg, site, (S, T), layers, token, value)})
 
