@@ -21,6 +21,7 @@ from jaxedit.edits import (
     save_edit,
 )
 from jaxedit.errors import CheckpointError, ConfigError, InputError, JaxeditError
+from jaxedit.eval.runner import evaluate
 from jaxedit.io.checkpoint import load, save_hf, save_orbax
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.generate import generate, next_token_logprobs, top_k
@@ -56,6 +57,7 @@ __all__ = [
     "WeightEdit",
     "apply",
     "compose",
+    "evaluate",
     "forward",
     "forward_jit",
     "generate",
