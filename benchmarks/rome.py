@@ -8,7 +8,8 @@ Measured in one run, on the same weights, templates, request and statistics corp
   True)`), k kᵀ summed per batch. Also reported: the same hook with the whole forward run
   (all blocks and logits), as the issue text describes the baseline; not the ratio we count.
 - edit: seconds per ROME edit with the statistics given (u, v* optimisation, update).
-  jaxedit: `rome.edit` (one jitted while_loop), after a warm-up edit of the same shapes.
+  jaxedit: `rome.make_state` (the Cholesky factor of C) + `rome.compute` (keys, one jitted
+  while_loop for v*, the update), after a warm-up edit of the same shapes.
   baseline: `compute_u` / `compute_v` re-enacted: hooks on the MLP output adding δ at the last
   subject token, full forward per step, Python loop with torch Adam, clamp, early stop.
 
@@ -29,11 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
+import jaxedit as je
+from jaxedit import stats
 from jaxedit.io.checkpoint import load, save_hf
 from jaxedit.io.tokenizer import fine_bucket
 from jaxedit.methods import rome
+from jaxedit.methods.common import target_opt, templates
 from jaxedit.requests import EditRequest
-from jaxedit.stats import second_moment as stats
+from jaxedit.stats.second_moment import second_moment
 
 HERE = Path(__file__).parent
 DATA = HERE.parent.parent / "shared" / "data" / "wikitext" / "wiki.test.raw"
@@ -78,12 +82,14 @@ def torch_stats(
     return (acc / count).numpy(), count, time.perf_counter() - t0
 
 
-def torch_edit(model, lm, hp, C, templates) -> tuple[np.ndarray, np.ndarray, int, float]:
+def torch_edit(model, lm, hp, C, templates: tuple[str, ...]) -> tuple:
     """ROME's compute_u + compute_v + update, as the reference code runs them."""
     import torch
 
     t0 = time.perf_counter()
-    b = rome.build_batch(lm, REQ, templates, hp.kl_prompt)
+    b = target_opt.target_batch(
+        lm.tokenizer, REQ.prompt, REQ.subject, REQ.target_new, templates, (hp.kl_prompt,)
+    )
     R = len(templates)
     ids = torch.from_numpy(b.tokens).long()
     mask = torch.from_numpy(b.mask).long()
@@ -162,8 +168,8 @@ def main():
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # as many threads as cores we may use
     lm = load("smollm2-135m")
     # Fixed step count on both sides (early stop off), so the loops do the same work.
-    hp = rome.load_hparams("smollm2-135m").replace(
-        v_num_grad_steps=a.steps, early_stop_loss=0.0,
+    hp = je.methods.get("rome").hparams(
+        "smollm2-135m", v_num_grad_steps=a.steps, early_stop_loss=0.0,
         context_template_length_params=((5, a.templates), (10, a.templates)),
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
@@ -175,26 +181,31 @@ def main():
 
     c = stats.load_corpus(lm, str(DATA), n_tokens=a.tokens, max_len=256)
     n_tok = sum(map(len, c.docs))
-    stats.second_moment(lm, hp.layer, c.docs[:8])  # compile the buckets once ...
+    second_moment(lm, hp.layer, c.docs[:8])  # compile the buckets once ...
     for T in sorted({fine_bucket(len(d)) for d in c.docs}):
-        stats.second_moment(lm, hp.layer, [[1] * T])
+        second_moment(lm, hp.layer, [[1] * T])
     t0 = time.perf_counter()
-    C, _ = stats.second_moment(lm, hp.layer, c.docs)  # ... then the steady state
+    C, _ = second_moment(lm, hp.layer, c.docs)  # ... then the steady state
     jax_stats_s = time.perf_counter() - t0
     C_t, _, torch_stats_s = torch_stats(model, hp.layer, c.docs, 4096)
     _, _, torch_full_s = torch_stats(model, hp.layer, c.docs, 4096, stop=False)
     c_err = float(np.max(np.abs(C - C_t)) / np.max(np.abs(C)))
 
-    templates = rome.context_templates(lm, hp.context_template_length_params, seed=0)
+    temps = templates.sample_templates(lm, hp.context_template_length_params, seed=0)
+
+    def jax_edit():  # the solve with C included, as in the baseline
+        edit, _ = rome.compute(lm, rome.make_state(lm, hp, C, temps), [REQ])
+        return edit.deltas[0].left[:, 0], edit.deltas[0].right[:, 0]
+
     t0 = time.perf_counter()
-    _, rec_warm = rome.edit(lm, REQ, hp, stats=C, templates=templates)  # compile
+    jax_edit()  # compile
     jax_first_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    new, rec = rome.edit(lm, REQ, hp, stats=C, templates=templates)
+    u, v = jax_edit()
     jax_edit_s = time.perf_counter() - t0
-    u_t, v_t, steps_t, torch_edit_s = torch_edit(model, lm, hp, C, templates)
-    cos_v = float(np.dot(rec.v, v_t) / np.linalg.norm(rec.v) / np.linalg.norm(v_t))
-    cos_u = float(abs(np.dot(rec.u, u_t)) / np.linalg.norm(u_t))
+    u_t, v_t, steps_t, torch_edit_s = torch_edit(model, lm, hp, C, temps)
+    cos_v = float(np.dot(v, v_t) / np.linalg.norm(v) / np.linalg.norm(v_t))
+    cos_u = float(abs(np.dot(u, u_t)) / np.linalg.norm(u_t))
     result = {
         "model": "smollm2-135m",
         "layer": hp.layer,
@@ -215,7 +226,7 @@ def main():
             "speedup_vs_full_forward": round(torch_full_s / jax_stats_s, 2),
         },
         "edit": {
-            "templates": len(templates),
+            "templates": len(temps),
             "steps": a.steps,
             "jaxedit_seconds": round(jax_edit_s, 3),
             "jaxedit_first_call_seconds": round(jax_first_s, 3),

@@ -5,6 +5,7 @@ invariant) and the acceptance edit on the embedded model (Eiffel Tower -> Rome).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -31,7 +32,10 @@ EIFFEL = EditRequest(
     target_new="Rome",
     target_true="Paris",
 )
-LOUVRE = EditRequest(prompt="{} is located in", subject="The Louvre", target_new="Berlin")
+# Same prompt and target length as EIFFEL: the same compiled shapes (no recompile per request).
+LOUVRE = EditRequest(
+    prompt="{} is located in the city of", subject="The Louvre", target_new="Berlin"
+)
 FIXED = ("{}", "The following is true. {}", "I read this today. {}")
 
 # Depth (number of blocks) of the models each preset is written for (their HF configs).
@@ -340,6 +344,37 @@ def test_sequential_edits_fold(tiny, tiny_C):
         get_weight(je.apply(je.apply(tiny, first), second).params, "mlp_out", 1),
         atol=1e-6,
     )
+
+
+def test_target_value_vmaps_over_requests(tiny):
+    """The kernel is pure in arrays: requests of one shape go through `jax.vmap` (MEMIT's z
+    for many requests at `resid`), each getting exactly its own run; a request that stops
+    first stays frozen while the others continue."""
+    runs = []
+    for req in (EIFFEL, LOUVRE):
+        b = target_opt.target_batch(tiny.tokenizer, req.prompt, req.subject, req.target_new, FIXED)
+        S = target_opt.suffix_length(b)
+        vals, logp, suffix = target_opt.clean_run(
+            tiny.config, "resid", 1, S, tiny.params, b.tokens, b.mask, b.lookup, b.logit_pos
+        )
+        R = len(FIXED)
+        runs.append((suffix, jnp.asarray(b.targets), jnp.asarray(b.weights), logp[R:], vals[0]))
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *runs)
+    hp = target_opt.TargetSettings().arrays()
+    steps = (3, 6)
+    in_axes = (0, 0, 0, 0, 0, {k: 0 if k == "steps" else None for k in hp})
+    kernel = functools.partial(target_opt.optimise, tiny.config, "resid", 1, tiny.params)
+    batched = jax.jit(jax.vmap(kernel, in_axes=in_axes))(
+        *stacked, {**hp, "steps": jnp.asarray(steps, jnp.int32)}
+    )
+    for i, n in enumerate(steps):
+        one = target_opt.optimise_jit(
+            tiny.config, "resid", 1, tiny.params, *runs[i], {**hp, "steps": jnp.int32(n)}
+        )
+        assert int(batched.steps[i]) == int(one.steps) == n
+        np.testing.assert_allclose(batched.delta[i], one.delta, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(batched.loss[i], one.loss, rtol=1e-5)
+    assert not np.allclose(batched.delta[0], batched.delta[1])
 
 
 @pytest.mark.parametrize(

@@ -261,16 +261,25 @@ def optimise(
     init = (jnp.int32(0), delta0, opt.init(delta0), jnp.bool_(False), (zero, (zero,) * 4))
 
     def body(carry):
-        it, delta, opt_state, _, _ = carry
+        it, delta, opt_state, done, last = carry
         (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(delta)
         # As the reference: check the loss first, stop before updating.
-        stop = (loss < hp["early_stop_loss"]) | (it >= hp["steps"] - 1)
+        stop = done | (loss < hp["early_stop_loss"]) | (it >= hp["steps"] - 1)
         updates, new_state = opt.update(grad, opt_state, delta)
         new = optax.apply_updates(delta, updates)
         max_norm = hp["clamp_norm_factor"] * v0_norm
         new = new * jnp.minimum(1.0, max_norm / jnp.maximum(safe_norm(new), 1e-30))
         keep = lambda a, b: jnp.where(stop, a, b)
-        return it + 1, keep(delta, new), jax.tree.map(keep, opt_state, new_state), stop, (loss, aux)
+        # Under vmap the loop runs until every request has stopped: a request that is `done`
+        # keeps its state, step count and last loss exactly (never true without vmap).
+        frozen = lambda a, b: jnp.where(done, a, b)
+        return (
+            jnp.where(done, it, it + 1),
+            keep(delta, new),
+            jax.tree.map(keep, opt_state, new_state),
+            stop,
+            jax.tree.map(frozen, last, (loss, aux)),
+        )
 
     it, delta, _, _, (loss, aux) = jax.lax.while_loop(lambda c: ~c[3], body, init)
     return OptResult(delta, it, loss, *aux)
