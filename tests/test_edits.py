@@ -182,10 +182,15 @@ def test_parse_assignments_types_values():
         demos: str | None = None
         mix: tuple[float, ...] = (1.0,)
         flag: bool = False
+        lr: float = 0.5
+        ridge: float | None = None
 
     got = hparams_lib.parse_assignments(HP, ["k=32", "demos=12", "mix=[4,12,16]", "flag=true"])
     assert got == {"k": 32, "demos": "12", "mix": [4, 12, 16], "flag": True}
     assert hparams_lib.override(HP(), **got).mix == (4, 12, 16)
+    hp = hparams_lib.build(HP, {"lr": 1, "ridge": 0, "k": 3}, "test")  # JSON writes 1 for 1.0
+    assert (type(hp.lr), type(hp.ridge), type(hp.k)) == (float, float, int)
+    assert type(hparams_lib.override(HP(), lr=2).lr) is float
     with pytest.raises(InputError, match="no such key"):
         hparams_lib.parse_assignments(HP, ["kk=1"])
     with pytest.raises(InputError, match="key=value"):

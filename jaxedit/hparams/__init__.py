@@ -14,7 +14,8 @@
   naming the presets; values are never borrowed from another model.
 
 Unknown keys are refused, in files and in overrides alike. Keys starting with "_", and
-"description", "note" and "model", are documentation. JSON lists become tuples.
+"description", "note" and "model", are documentation. JSON lists become tuples, and an
+integer given for a float field becomes a float.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def build(cls: type[T], raw: dict[str, Any], source: str = "<dict>") -> T:
     unknown = sorted(set(raw) - fields - docs)
     if unknown:
         raise ConfigError(f"{source}: unknown hparams keys {unknown}; known: {sorted(fields)}")
-    kw = {k: tuples(v) for k, v in raw.items() if k in fields}
+    kw = coerce(cls, {k: v for k, v in raw.items() if k in fields})
     try:
         return cls(**kw)
     except TypeError as e:  # a required field missing
@@ -135,7 +136,28 @@ def override(hp: T, **overrides: Any) -> T:
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ConfigError(f"unknown {type(hp).__name__} keys {unknown}; known: {sorted(fields)}")
-    return dataclasses.replace(hp, **{k: tuples(v) for k, v in overrides.items()})
+    return dataclasses.replace(hp, **coerce(type(hp), overrides))
+
+
+def coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """JSON lists -> tuples, and an integer written for a float field -> float (`"lr": 1`)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for k, v in values.items():
+        v = tuples(v)
+        if isinstance(v, int) and not isinstance(v, bool) and _accepts_float(hints.get(k)):
+            v = float(v)
+        out[k] = v
+    return out
+
+
+def _accepts_float(hint) -> bool:
+    if hint is float:
+        return True
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = typing.get_args(hint)
+        return float in args and int not in args
+    return False
 
 
 def parse_assignments(cls: type, assignments: list[str]) -> dict[str, Any]:
