@@ -502,6 +502,8 @@ def test_hparams_through_the_one_loader(smollm):
     for name in ("gpt2-xl", "gpt-j", "llama-7b", "smollm2-135m"):
         hp = m.hparams(name)
         assert len(hp.weights) in (6, 9) and hp.editor is None and hp.edit_scale == 1.0
+        # the paper's presets keep the paper's locality KL (smollm2's measured choice: its note)
+        assert hp.loc_kl_positions == ("answer" if name == "smollm2-135m" else "all")
     assert m.hparams(smollm).weights[-1] == m.hparams(smollm.name).weights[-1] == ("mlp_out", 29)
     # a hub id maps to its preset (it used to fall back silently to the paper's defaults)
     assert m.hparams("EleutherAI/gpt-j-6B").weights[0] == ("mlp_up", 25)
