@@ -46,8 +46,9 @@ from jaxedit.eval.prefix_cache import (
     split_context,
 )
 from jaxedit.models.config import ModelConfig
+from jaxedit.models.generate import prefill_and_decode
 from jaxedit.models.lm import LanguageModel
-from jaxedit.models.transformer import KVCache, Params, forward
+from jaxedit.models.transformer import KVCache, Params
 from jaxedit.requests import EditRequest
 
 LENGTH_STEP = 16  # generated lengths are padded to a multiple of this: few compiled shapes
@@ -102,37 +103,15 @@ def _decode(
 ) -> Int[Array, "B N"]:
     """n_new tokens after each left-padded row (following `context`, a batch-1 prefix cache):
     top-k sampling, top_k = 1 the argmax."""
-    B, T = tokens.shape
-    shared = None if context is None else broadcast_cache(context, B)
-    last = jnp.full((B, 1), T - 1, jnp.int32)
-    pre = forward(cfg, params, tokens, mask, logit_positions=last, cache=shared, return_kv=True)
-    k, v = pre.kv  # [L B T G K]
-    if shared is not None:  # the buffer holds context | prompt | generated tokens
-        k = jnp.concatenate([shared.k.astype(k.dtype), k], axis=2)
-        v = jnp.concatenate([shared.v.astype(v.dtype), v], axis=2)
-        mask = jnp.concatenate([shared.mask, mask], axis=1)
-    start = k.shape[2]
-    pad = ((0, 0), (0, 0), (0, n_new), (0, 0), (0, 0))
-    cache = KVCache(jnp.pad(k, pad), jnp.pad(v, pad), jnp.pad(mask, ((0, 0), (0, n_new))))
+    shared = None if context is None else broadcast_cache(context, tokens.shape[0])
 
-    def step(carry, i):
-        cache, logits = carry
+    def pick(state, logits, i):
         top_logits, top_ids = jax.lax.top_k(logits.astype(jnp.float32), top_k)
         # softmax over the k best logits = their probabilities renormalised (ROME's top-k step)
-        pick = jax.random.categorical(jax.random.fold_in(key, i), top_logits, axis=-1)
-        tok = jnp.take_along_axis(top_ids, pick[:, None], axis=-1).astype(jnp.int32)  # [B 1]
-        # The new token attends to the cache (which does not hold it yet) and to itself.
-        out = forward(cfg, params, tok, jnp.ones((B, 1), bool), cache=cache, return_kv=True)
-        nk, nv = out.kv
-        cache = KVCache(
-            jax.lax.dynamic_update_slice_in_dim(cache.k, nk.astype(cache.k.dtype), start + i, 2),
-            jax.lax.dynamic_update_slice_in_dim(cache.v, nv.astype(cache.v.dtype), start + i, 2),
-            cache.mask.at[:, start + i].set(True),
-        )
-        return (cache, out.logits[:, 0]), tok[:, 0]
+        choice = jax.random.categorical(jax.random.fold_in(key, i), top_logits, axis=-1)
+        return state, jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
-    _, toks = jax.lax.scan(step, (cache, pre.logits[:, 0]), jnp.arange(n_new))
-    return toks.T
+    return prefill_and_decode(cfg, params, shared, tokens, mask, n_new, pick, None)
 
 
 def _rows(

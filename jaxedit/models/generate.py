@@ -11,8 +11,9 @@ equal those of the plain model on the concatenated text (tests/test_generate.py)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +96,60 @@ def _kv(prefix: PrefixCache | None) -> KVCache | None:
     return None if prefix is None else prefix.kv
 
 
+def prefill_and_decode(
+    cfg: ModelConfig,
+    params: Params,
+    shared: KVCache | None,
+    tokens: Int[Array, "B T"],
+    mask: Bool[Array, "B T"],
+    n_new: int,
+    pick: Callable[[Any, Float[Array, "B V"], Int[Array, ""]], tuple[Any, Int[Array, " B"]]],
+    state: Any,
+) -> Int[Array, "B N"]:
+    """n_new tokens after each left-padded row, one `lax.scan` step each (call inside jit).
+
+    The rows run once (after `shared`, a prefix cache already broadcast to B rows, or None)
+    into a cache buffer with n_new empty slots; each step picks a token from the last logits
+    with `pick(state, logits, i) -> (state, tokens)` (greedy, temperature or top-k sampling:
+    the caller's rule and random state) and writes that token's keys/values into slot i."""
+    B, T = tokens.shape
+    pre = forward(
+        cfg,
+        params,
+        tokens,
+        mask,
+        logit_positions=jnp.full((B, 1), T - 1, jnp.int32),
+        cache=shared,
+        return_kv=True,
+    )
+    k, v = pre.kv  # [L B T G K]
+    if shared is not None:  # the buffer holds context | prompt | generated tokens
+        k = jnp.concatenate([shared.k.astype(k.dtype), k], axis=2)
+        v = jnp.concatenate([shared.v.astype(v.dtype), v], axis=2)
+        mask = jnp.concatenate([shared.mask, mask], axis=1)
+    start = k.shape[2]
+    pad = ((0, 0), (0, 0), (0, n_new), (0, 0), (0, 0))
+    cache = KVCache(jnp.pad(k, pad), jnp.pad(v, pad), jnp.pad(mask, ((0, 0), (0, n_new))))
+
+    def step(carry, i):
+        cache, logits, state = carry
+        state, tok = pick(state, logits, i)
+        # The new token attends to the cache (which does not yet hold it) and to itself.
+        out = forward(
+            cfg, params, tok[:, None], jnp.ones((B, 1), bool), cache=cache, return_kv=True
+        )
+        nk, nv = out.kv
+        cache = KVCache(
+            jax.lax.dynamic_update_slice_in_dim(cache.k, nk.astype(cache.k.dtype), start + i, 2),
+            jax.lax.dynamic_update_slice_in_dim(cache.v, nv.astype(cache.v.dtype), start + i, 2),
+            cache.mask.at[:, start + i].set(True),
+        )
+        return (cache, out.logits[:, 0], state), tok
+
+    _, toks = jax.lax.scan(step, (cache, pre.logits[:, 0], state), jnp.arange(n_new))
+    return toks.T
+
+
 @partial(jax.jit, static_argnums=(0, 5))
 def _generate(
     cfg: ModelConfig,
@@ -106,50 +161,15 @@ def _generate(
     temperature,
     key,
 ) -> Int[Array, "B N"]:
-    B, T = tokens.shape
-    shared = None if prefix is None else broadcast_cache(prefix, B)
-    pre = forward(
-        cfg,
-        params,
-        tokens,
-        mask,
-        logit_positions=jnp.full((B, 1), T - 1),
-        cache=shared,
-        return_kv=True,
-    )
-    k, v = pre.kv  # [L B T G K]
-    if shared is not None:  # the buffer holds context | prompt | generated tokens
-        k = jnp.concatenate([shared.k.astype(k.dtype), k], axis=2)
-        v = jnp.concatenate([shared.v.astype(v.dtype), v], axis=2)
-        mask = jnp.concatenate([shared.mask, mask], axis=1)
-    start = k.shape[2]
-    pad = ((0, 0), (0, 0), (0, max_new), (0, 0), (0, 0))
-    cache = KVCache(jnp.pad(k, pad), jnp.pad(v, pad), jnp.pad(mask, ((0, 0), (0, max_new))))
+    shared = None if prefix is None else broadcast_cache(prefix, tokens.shape[0])
 
-    def pick(logits, key):
-        greedy = jnp.argmax(logits, -1)
-        sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), -1)
-        return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
-
-    def step(carry, i):
-        cache, logits, key = carry
+    def pick(key, logits, i):
         key, sub = jax.random.split(key)
-        tok = pick(logits, sub)
-        slot = jnp.zeros_like(cache.mask).at[:, start + i].set(True)
-        # The new token attends to the cache (which does not yet hold it) and to itself.
-        out = forward(
-            cfg, params, tok[:, None], jnp.ones((B, 1), bool), cache=cache, return_kv=True
-        )
-        nk, nv = out.kv
-        cache = KVCache(
-            jax.lax.dynamic_update_slice_in_dim(cache.k, nk.astype(cache.k.dtype), start + i, 2),
-            jax.lax.dynamic_update_slice_in_dim(cache.v, nv.astype(cache.v.dtype), start + i, 2),
-            cache.mask | slot,
-        )
-        return (cache, out.logits[:, 0], key), tok
+        greedy = jnp.argmax(logits, -1)
+        sampled = jax.random.categorical(sub, logits / jnp.maximum(temperature, 1e-6), -1)
+        return key, jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
-    _, toks = jax.lax.scan(step, (cache, pre.logits[:, 0], key), jnp.arange(max_new))
-    return toks.T
+    return prefill_and_decode(cfg, params, shared, tokens, mask, max_new, pick, key)
 
 
 def generate(

@@ -34,8 +34,9 @@ from jaxtyping import Array, Int
 
 from jaxedit.errors import InputError
 from jaxedit.models.config import ModelConfig
+from jaxedit.models.generate import prefill_and_decode
 from jaxedit.models.lm import LanguageModel
-from jaxedit.models.transformer import KVCache, Params, forward
+from jaxedit.models.transformer import Params
 
 HF_CORPORA = {
     "wikitext": ("wikitext", "wikitext-103-raw-v1"),
@@ -80,38 +81,16 @@ def _sample(
 ) -> Int[Array, "N S"]:
     """n sequences of `length` new tokens after `start`, top-k (0 = all) sampling, KV-cached."""
     prompt = jnp.full((n, 1), start, jnp.int32)
-    mask = jnp.ones((n, 1), bool)
-    pre = forward(
-        cfg, params, prompt, mask, logit_positions=jnp.zeros((n, 1), jnp.int32), return_kv=True
-    )
-    k, v = pre.kv
-    pad = ((0, 0), (0, 0), (0, length), (0, 0), (0, 0))
-    cache = KVCache(jnp.pad(k, pad), jnp.pad(v, pad), jnp.pad(mask, ((0, 0), (0, length))))
 
-    def pick(logits, key):
+    def pick(key, logits, i):
+        key, sub = jax.random.split(key)
         logits = logits / temperature
         if top_k:
             kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
             logits = jnp.where(logits < kth, -jnp.inf, logits)
-        return jax.random.categorical(key, logits, -1).astype(jnp.int32)
+        return key, jax.random.categorical(sub, logits, -1).astype(jnp.int32)
 
-    def step(carry, i):
-        cache, logits, key = carry
-        key, sub = jax.random.split(key)
-        tok = pick(logits, sub)
-        out = forward(
-            cfg, params, tok[:, None], jnp.ones((n, 1), bool), cache=cache, return_kv=True
-        )
-        nk, nv = out.kv
-        cache = KVCache(
-            jax.lax.dynamic_update_slice_in_dim(cache.k, nk.astype(cache.k.dtype), 1 + i, 2),
-            jax.lax.dynamic_update_slice_in_dim(cache.v, nv.astype(cache.v.dtype), 1 + i, 2),
-            cache.mask.at[:, 1 + i].set(True),
-        )
-        return (cache, out.logits[:, 0], key), tok
-
-    _, toks = jax.lax.scan(step, (cache, pre.logits[:, 0], key), jnp.arange(length))
-    return toks.T
+    return prefill_and_decode(cfg, params, None, prompt, jnp.ones((n, 1), bool), length, pick, key)
 
 
 def sample_tokens(
