@@ -1,5 +1,6 @@
-"""What every family module shares: refusal of HF config fields by name, rope parsing, and the
-vocabulary of a weight map (a declarative table of rows plus small hook functions).
+"""What family modules share: refusal of HF config fields by name, rope parsing, the config
+field names of GPT-2 (which GPT-J reuses) and transformers' standard ones, and the vocabulary of
+a weight map (a declarative table of rows plus small hook functions).
 
 A weight map is a table of `Row`s, MaxText-style: each row names one HF tensor (with `{i}` for
 the layer index), the jaxedit param path(s) it fills, and a `Hook` converting between the HF
@@ -165,6 +166,75 @@ def hf_base(cfg: ModelConfig, architecture: str) -> dict[str, Any]:
         "eos_token_id": cfg.eos_token_id,
         "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": cfg.dtype,
+    }
+
+
+# GPT-2's config names, which GPT-J's config reuses for the same quantities.
+GPT2_STYLE_KNOWN = (
+    "vocab_size",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_positions",
+    "n_inner",
+    "activation_function",
+    "layer_norm_epsilon",
+)
+GPT2_STYLE_DROPOUT = ("attn_pdrop", "embd_pdrop", "resid_pdrop")
+
+
+def gpt2_style_dims(hf: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig sizes and LayerNorm read from GPT-2-named fields (multi-head attention,
+    d_ff 4·D unless `n_inner` says otherwise)."""
+    D, H = hf["n_embd"], hf["n_head"]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        d_model=D,
+        n_layers=hf["n_layer"],
+        n_heads=H,
+        n_kv_heads=H,
+        head_dim=D // H,
+        d_ff=hf.get("n_inner") or 4 * D,
+        max_positions=hf["n_positions"],
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+    )
+
+
+def gpt2_style_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The GPT-2-named fields of `gpt2_style_dims`, written back (with the activation)."""
+    return {
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_positions": cfg.max_positions,
+        "n_inner": cfg.d_ff,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "activation_function": cfg.activation,
+    }
+
+
+# transformers' standard config names (GPT-NeoX, Llama and most later families).
+STANDARD_KNOWN = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "hidden_act",
+)
+
+
+def standard_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The `STANDARD_KNOWN` fields of a config, written back (vocab_size is in `hf_base`)."""
+    return {
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "intermediate_size": cfg.d_ff,
+        "max_position_embeddings": cfg.max_positions,
+        "hidden_act": cfg.activation,
     }
 
 

@@ -13,12 +13,16 @@ import numpy as np
 from jaxedit.errors import ConfigError
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.families.common import (
+    GPT2_STYLE_DROPOUT,
+    GPT2_STYLE_KNOWN,
     TRANSPOSE,
     Entry,
     Hook,
     Row,
     check_activation,
     expand,
+    gpt2_style_dims,
+    gpt2_style_to_hf,
     hf_base,
     norm,
     refuse_unknown,
@@ -27,23 +31,9 @@ from jaxedit.models.families.common import (
 
 MODEL_TYPES = ("gpt2",)
 FAMILY = "gpt2"
-KNOWN = (
-    "vocab_size",
-    "n_embd",
-    "n_layer",
-    "n_head",
-    "n_positions",
-    "n_ctx",
-    "n_inner",
-    "activation_function",
-    "layer_norm_epsilon",
-    "scale_attn_by_inverse_layer_idx",
-    "scale_attn_weights",
-)
+KNOWN = (*GPT2_STYLE_KNOWN, "n_ctx", "scale_attn_by_inverse_layer_idx", "scale_attn_weights")
 HARMLESS = (
-    "attn_pdrop",
-    "embd_pdrop",
-    "resid_pdrop",
+    *GPT2_STYLE_DROPOUT,
     "summary_activation",
     "summary_first_dropout",
     "summary_proj_to_labels",
@@ -62,21 +52,11 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise ConfigError("gpt2: scale_attn_by_inverse_layer_idx=True is not implemented")
     if hf.get("scale_attn_weights") is False:
         raise ConfigError("gpt2: scale_attn_weights=False is not implemented")
-    D, H = hf["n_embd"], hf["n_head"]
     act = hf.get("activation_function", "gelu_new")
     return ModelConfig(
         model_type="gpt2",
         family="gpt2",
-        vocab_size=hf["vocab_size"],
-        d_model=D,
-        n_layers=hf["n_layer"],
-        n_heads=H,
-        n_kv_heads=H,
-        head_dim=D // H,
-        d_ff=hf.get("n_inner") or 4 * D,
-        max_positions=hf["n_positions"],
-        norm="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        **gpt2_style_dims(hf),
         activation=check_activation(act, ("gelu_new", "gelu", "relu", "gelu_pytorch_tanh"), "gpt2"),
         gated_mlp=False,
         positional="learned",
@@ -91,13 +71,7 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
 def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return {
         **hf_base(cfg, "GPT2LMHeadModel"),
-        "n_embd": cfg.d_model,
-        "n_layer": cfg.n_layers,
-        "n_head": cfg.n_heads,
-        "n_positions": cfg.max_positions,
-        "n_inner": cfg.d_ff,
-        "layer_norm_epsilon": cfg.norm_eps,
-        "activation_function": cfg.activation,
+        **gpt2_style_to_hf(cfg),
     }
 
 

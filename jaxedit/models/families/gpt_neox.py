@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.families.common import (
+    STANDARD_KNOWN,
     TRANSPOSE,
     Entry,
     Hook,
@@ -26,18 +27,13 @@ from jaxedit.models.families.common import (
     rope,
     rope_to_hf,
     special_ids,
+    standard_to_hf,
 )
 
 MODEL_TYPES = ("gpt_neox",)
 FAMILY = "gpt_neox"
 KNOWN = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-    "hidden_act",
+    *STANDARD_KNOWN,
     "layer_norm_eps",
     "rotary_pct",
     "rotary_emb_base",
@@ -98,12 +94,7 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     partial = cfg.rotary_dim / cfg.head_dim
     return {
         **hf_base(cfg, "GPTNeoXForCausalLM"),
-        "hidden_size": cfg.d_model,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "intermediate_size": cfg.d_ff,
-        "max_position_embeddings": cfg.max_positions,
-        "hidden_act": cfg.activation,
+        **standard_to_hf(cfg),
         "layer_norm_eps": cfg.norm_eps,
         "use_parallel_residual": cfg.parallel_residual,
         "attention_bias": cfg.qkv_bias,

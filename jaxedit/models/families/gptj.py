@@ -9,10 +9,14 @@ from typing import Any
 from jaxedit.errors import ConfigError
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.families.common import (
+    GPT2_STYLE_DROPOUT,
+    GPT2_STYLE_KNOWN,
     Entry,
     Row,
     check_activation,
     expand,
+    gpt2_style_dims,
+    gpt2_style_to_hf,
     hf_base,
     linear,
     norm,
@@ -22,19 +26,8 @@ from jaxedit.models.families.common import (
 
 MODEL_TYPES = ("gptj",)
 FAMILY = "gptj"
-KNOWN = (
-    "vocab_size",
-    "n_embd",
-    "n_layer",
-    "n_head",
-    "n_positions",
-    "n_inner",
-    "rotary_dim",
-    "activation_function",
-    "layer_norm_epsilon",
-    "tie_word_embeddings",
-)
-HARMLESS = ("attn_pdrop", "embd_pdrop", "resid_pdrop")
+KNOWN = (*GPT2_STYLE_KNOWN, "rotary_dim", "tie_word_embeddings")
+HARMLESS = GPT2_STYLE_DROPOUT
 IGNORED = (r"\.attn\.bias$", r"\.attn\.masked_bias$", r"rotary_emb\.inv_freq$")
 ALIASES: dict[str, tuple[str, ...]] = {}
 
@@ -44,25 +37,15 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("tie_word_embeddings"):
         # GPT-J's lm_head has a bias, which tied embeddings (no lm_head) cannot carry.
         raise ConfigError("gptj: tie_word_embeddings=True is not implemented")
-    D, H = hf["n_embd"], hf["n_head"]
     act = hf.get("activation_function", "gelu_new")
     return ModelConfig(
         model_type="gptj",
         family="gptj",
-        vocab_size=hf["vocab_size"],
-        d_model=D,
-        n_layers=hf["n_layer"],
-        n_heads=H,
-        n_kv_heads=H,
-        head_dim=D // H,
-        d_ff=hf.get("n_inner") or 4 * D,
-        max_positions=hf["n_positions"],
-        norm="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        **gpt2_style_dims(hf),
         activation=check_activation(act, ("gelu_new", "gelu", "gelu_pytorch_tanh"), "gptj"),
         gated_mlp=False,
         positional="rotary",
-        rotary_dim=hf.get("rotary_dim") or D // H,
+        rotary_dim=hf.get("rotary_dim") or hf["n_embd"] // hf["n_head"],
         rotary_style="interleaved",
         rope_theta=10000.0,
         parallel_residual=True,
@@ -77,14 +60,8 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
 def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return {
         **hf_base(cfg, "GPTJForCausalLM"),
-        "n_embd": cfg.d_model,
-        "n_layer": cfg.n_layers,
-        "n_head": cfg.n_heads,
-        "n_positions": cfg.max_positions,
-        "n_inner": cfg.d_ff,
+        **gpt2_style_to_hf(cfg),
         "rotary_dim": cfg.rotary_dim,
-        "layer_norm_epsilon": cfg.norm_eps,
-        "activation_function": cfg.activation,
     }
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from jaxedit.errors import ConfigError
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.families.common import (
+    STANDARD_KNOWN,
     TRANSPOSE,
     Entry,
     Row,
@@ -35,20 +36,15 @@ from jaxedit.models.families.common import (
     rope,
     rope_to_hf,
     special_ids,
+    standard_to_hf,
 )
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 FAMILY = "llama"
 KNOWN = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
+    *STANDARD_KNOWN,
     "num_key_value_heads",
     "head_dim",
-    "intermediate_size",
-    "max_position_embeddings",
-    "hidden_act",
     "rms_norm_eps",
     "rope_theta",
     "rope_scaling",
@@ -165,14 +161,9 @@ def from_hf(hf: dict[str, Any]) -> ModelConfig:
 def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     out = {
         **hf_base(cfg, VARIANTS[cfg.model_type].architecture),
-        "hidden_size": cfg.d_model,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
+        **standard_to_hf(cfg),
         "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim,
-        "intermediate_size": cfg.d_ff,
-        "max_position_embeddings": cfg.max_positions,
-        "hidden_act": cfg.activation,
         "rms_norm_eps": cfg.norm_eps,
         "rope_parameters": rope_to_hf(cfg),
         "rope_theta": cfg.rope_theta,
