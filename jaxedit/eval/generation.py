@@ -38,15 +38,9 @@ from jaxtyping import Array, Bool, Int
 
 from jaxedit.errors import InputError
 from jaxedit.eval import metrics
-from jaxedit.eval.prefix_cache import (
-    PrefixCache,
-    broadcast_cache,
-    encode_prefix,
-    fitted_context,
-    split_context,
-)
+from jaxedit.eval.prefix_cache import PrefixCache, broadcast_cache
 from jaxedit.models.config import ModelConfig
-from jaxedit.models.generate import prefill_and_decode
+from jaxedit.models.generate import context_rows, prefill_and_decode
 from jaxedit.models.lm import LanguageModel
 from jaxedit.models.transformer import KVCache, Params
 from jaxedit.requests import EditRequest
@@ -119,14 +113,10 @@ def _rows(
 ) -> tuple[PrefixCache | None, list[list[int]], list[int]]:
     """(the model's context as a prefix cache or None, each row's ids, the prompt's own token
     count: BOS and the context not included)."""
-    tok = lm.tokenizer
-    ids = [tok.encode(p) for p in prompts]
-    context = fitted_context(lm, max(map(len, ids)) + max_out_len)
-    if context is None:
-        n_bos = 1 if tok.add_bos else 0
-        return None, ids, [len(i) - n_bos for i in ids]
-    head, bodies = split_context(tok, context, prompts)
-    return (encode_prefix(lm, head) if head else None), bodies, [len(b) for b in bodies]
+    prefix, rows = context_rows(lm, prompts, max_out_len)
+    # A prefix cache holds BOS when the model uses one; only rows without one start with it.
+    n_bos = 1 if prefix is None and lm.tokenizer.add_bos else 0
+    return prefix, rows, [len(r) - n_bos for r in rows]
 
 
 def generate_ids(

@@ -33,8 +33,11 @@ from jaxedit.models.lm import LanguageModel
 from jaxedit.models.transformer import KVCache, Params, forward
 
 
-def _rows(lm: LanguageModel, prompts: Sequence[str], extra_tokens: int = 0):
-    """(prefix cache or None, token-id rows): each prompt after the model's context, if any.
+def context_rows(
+    lm: LanguageModel, prompts: Sequence[str], extra_tokens: int = 0
+) -> tuple[PrefixCache | None, list[list[int]]]:
+    """(prefix cache or None, token-id rows): each prompt after the model's context, if any;
+    rows start with BOS (when the model uses one) only when there is no prefix cache.
 
     `extra_tokens` is room kept after the longest prompt (tokens to generate)."""
     for p in prompts:
@@ -68,7 +71,7 @@ def _last_logprobs(
 
 def next_token_logprobs(lm: LanguageModel, prompts: list[str]) -> Float[Array, "B V"]:
     """log p(next token | [context +] prompt) after each prompt's last token (left-padded)."""
-    prefix, rows = _rows(lm, prompts)
+    prefix, rows = context_rows(lm, prompts)
     b = lm.tokenizer.batch(rows, padding="left")
     return _last_logprobs(
         lm.config,
@@ -184,7 +187,7 @@ def generate(
         raise InputError("empty prompt")
     if max_new_tokens <= 0:
         raise InputError("--max-new-tokens must be positive")
-    prefix, rows = _rows(lm, [prompt], extra_tokens=max_new_tokens)
+    prefix, rows = context_rows(lm, [prompt], extra_tokens=max_new_tokens)
     used = (0 if prefix is None else prefix.n_tokens) + len(rows[0]) + max_new_tokens
     if used > lm.config.max_positions:
         raise InputError(
