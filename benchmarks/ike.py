@@ -34,21 +34,13 @@ import numpy as np
 
 import jaxedit as je
 from jaxedit.eval import datasets as data
-from jaxedit.eval import prefix_cache
+from jaxedit.eval import prefix_cache, report
 from jaxedit.eval.measure import queries
 from jaxedit.io.checkpoint import load
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "counterfact")
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "ike.json")
-SUMMARY = (
-    "efficacy_score",
-    "paraphrase_score",
-    "neighborhood_score",
-    "score",
-    "efficacy_magnitude",
-    "paraphrase_magnitude",
-    "neighborhood_magnitude",
-)
+SUMMARY = report.TABLE_ORDER[:7]  # the CounterFact scores and magnitudes
 
 
 def _rows(lm, context: str, qs):

@@ -223,15 +223,21 @@ class ContextEdit:
             )
         demos = self.demonstrations
         for dropped in range(len(demos) + 1):
-            text = "".join(d.text for d in demos[dropped:]) + self.head()
-            if len(tokenizer.encode(text)) + self.reserve_tokens <= max_tokens:
+            if (
+                len(tokenizer.encode(self.text(demos[dropped:]))) + self.reserve_tokens
+                <= max_tokens
+            ):
                 return demos[dropped:], dropped
         raise AssertionError("unreachable: the head alone fits")
 
+    def text(self, demonstrations: Sequence[Demonstration] | None = None) -> str:
+        """The context with these demonstrations (default: all of them), not fitted."""
+        demos = self.demonstrations if demonstrations is None else demonstrations
+        return "".join(d.text for d in demos) + self.head()
+
     def render(self, tokenizer, max_tokens: int) -> str:
         """The context text, fitted to `max_tokens`."""
-        demos, _ = self.fit(tokenizer, max_tokens)
-        return "".join(d.text for d in demos) + self.head()
+        return self.text(self.fit(tokenizer, max_tokens)[0])
 
 
 Edit = WeightEdit | ContextEdit

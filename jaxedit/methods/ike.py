@@ -298,7 +298,7 @@ def compute(
         **{f"n_{kind}": kinds.get(kind, 0) for kind in KINDS},
         "own_copy": any(d.source < 0 for d in kept),
         "dropped": dropped,
-        "context_tokens": len(tok.encode(edit.render(tok, limit))),
+        "context_tokens": len(tok.encode(edit.text())),  # `kept` already fits `limit`
         "reserve_tokens": edit.reserve_tokens,
         "zero_demo": hp.zero_demo,
     }
