@@ -25,14 +25,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Float
+from jaxtyping import Array, Float
 
 from jaxedit.errors import CheckpointError, InputError
 from jaxedit.models.lm import LanguageModel
@@ -79,6 +79,12 @@ class WeightDelta:
             return np.asarray(self.dense, np.float32)
         return np.asarray(self.left, np.float32) @ np.asarray(self.right, np.float32).T
 
+    def device_matrix(self) -> Float[Array, "I O"]:
+        """ΔW in fp32, formed on the device from the factors (only they are transferred)."""
+        if self.dense is not None:
+            return jnp.asarray(self.dense, jnp.float32)
+        return jnp.asarray(self.left, jnp.float32) @ jnp.asarray(self.right, jnp.float32).T
+
     def norm(self) -> float:
         """‖ΔW‖_F."""
         return float(np.linalg.norm(self.matrix()))
@@ -114,21 +120,23 @@ class WeightEdit:
 
     def norm(self) -> float:
         """‖ΔW‖_F summed over the changed weights (each (site, layer) summed first)."""
-        return float(sum(np.linalg.norm(m) for m in _dense_by_weight(self.deltas).values()))
+        sums = _summed(self.deltas, WeightDelta.matrix)
+        return float(sum(np.linalg.norm(m) for m in sums.values()))
 
 
-def _dense_by_weight(deltas: Iterable[WeightDelta]) -> dict[tuple[str, int], np.ndarray]:
-    out: dict[tuple[str, int], np.ndarray] = {}
+def _summed(deltas: Iterable[WeightDelta], matrix: Callable[[WeightDelta], Any]) -> dict:
+    """(site, layer) -> the sum of its deltas' matrices."""
+    out: dict[tuple[str, int], Any] = {}
     for d in deltas:
         key = (d.site, d.layer)
-        out[key] = out[key] + d.matrix() if key in out else d.matrix()
+        out[key] = out[key] + matrix(d) if key in out else matrix(d)
     return out
 
 
 def apply_weight_edit(params: dict, edit: WeightEdit) -> dict:
     """New params with every delta added (fp32 arithmetic, stored in the param dtype)."""
-    by_site: dict[str, dict[int, np.ndarray]] = {}
-    for (site, layer), m in _dense_by_weight(edit.deltas).items():
+    by_site: dict[str, dict[int, Array]] = {}
+    for (site, layer), m in _summed(edit.deltas, WeightDelta.device_matrix).items():
         by_site.setdefault(site, {})[layer] = m
     for site, per_layer in by_site.items():
         layers = tuple(sorted(per_layer))
@@ -142,7 +150,7 @@ def apply_weight_edit(params: dict, edit: WeightEdit) -> dict:
                 )
             if not 0 <= layer < stacked.shape[0]:
                 raise InputError(f"edit of {site}.{layer}: the model has {stacked.shape[0]} layers")
-        deltas = jnp.asarray(np.stack([per_layer[layer] for layer in layers]))
+        deltas = jnp.stack([per_layer[layer] for layer in layers])
         params = add_to_weights(params, site, layers, deltas)
     return params
 
