@@ -14,6 +14,7 @@ from jaxedit.errors import InputError
 from jaxedit.methods.base import EditMethod
 
 REGISTRY = {
+    "ft": "jaxedit.methods.ft",
     "ike": "jaxedit.methods.ike",
     "mend": "jaxedit.methods.mend",
     "none": "jaxedit.methods.none",
