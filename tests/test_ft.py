@@ -1,11 +1,15 @@
 """FT-L / FT-M (`jaxedit.methods.ft`): hparams and presets, the batch layout of both objectives,
 the jitted loop against a plain eager loop over the full forward (epochs, batches, Adam, skip,
-clamp, early stop), purity, and the acceptance edits on the embedded model (Eiffel -> Rome)."""
+clamp, early stop), purity, the acceptance edits on the embedded model (Eiffel -> Rome), and
+parity with EasyEdit's `execute_ft` (goldens from scripts/goldens_ft.py; measured agreement of
+ΔW: 5e-6 (FT-L) and 7e-6 (FT-M) relative; a wrong objective, batching or epoch count is off by
+0.15 to 1.3)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +21,13 @@ from conftest import tiny_llama_config
 import jaxedit as je
 from jaxedit import hparams as hparams_lib
 from jaxedit.errors import ConfigError, InputError
+from jaxedit.io.checkpoint import load
 from jaxedit.methods import ft
 from jaxedit.methods.common.target_opt import target_ids
 from jaxedit.models.generate import next_token_logprobs, top_k
 from jaxedit.models.sites import get_weight, set_weight
 from jaxedit.models.transformer import forward_jit, init_params
-from jaxedit.requests import EditRequest
+from jaxedit.requests import EditRequest, from_prompt
 
 EIFFEL = EditRequest(
     prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome"
@@ -295,3 +300,37 @@ def test_ft_l_respects_the_bound_and_raises_rome(smollm):
     assert float(jnp.abs(w[0] - w[1]).max()) <= 5e-4 + 1e-7
     p0, p1 = rome_prob(smollm), rome_prob(lm2)
     assert p1 > 3 * p0 and info["target_prob"][0] == pytest.approx(p1, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- parity
+
+GOLDEN_FT = Path(__file__).parent / "goldens" / "methods" / "ft"
+
+
+@pytest.mark.parametrize("case", ["ft_l", "ft_m"])
+def test_parity_with_easyedit(case):
+    """EasyEdit's `execute_ft` (scripts/goldens_ft.py) on the tiny random Llama: two requests
+    with 5-token targets in batches of one, 4 epochs, Adam lr 1e-2 (FT-L: |ΔW| ≤ 2e-2)."""
+    golden = np.load(GOLDEN_FT / f"{case}.npz")
+    meta = json.loads(str(golden["meta"]))
+    ref_hp = meta["hparams"]
+    lm = load(str(Path(__file__).parent / "goldens" / "llama"))
+    requests = [
+        from_prompt(r["prompt"], r["prompt"].split(" is")[0], r["target_new"])
+        for r in meta["requests"]
+    ]
+    eps = ref_hp["norm_constraint"]
+    hp = ft.FTHparams(
+        layers=tuple(ref_hp["layers"]),
+        objective=ref_hp["objective_optimization"],
+        num_steps=ref_hp["num_steps"],
+        lr=ref_hp["lr"],
+        weight_decay=ref_hp["weight_decay"],
+        norm_constraint=eps if eps else None,
+        batch_size=ref_hp["batch_size"],
+    )
+    edit, info = ft.compute(lm, hp, requests)
+    got, want = edit.deltas[0].dense, golden["delta_w"]
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert rel < 1e-4, rel
+    assert info["epochs"] == hp.num_steps
