@@ -14,8 +14,10 @@ from jaxedit.errors import InputError
 from jaxedit.methods.base import EditMethod
 
 REGISTRY = {
+    "alphaedit": "jaxedit.methods.alphaedit",
     "ft": "jaxedit.methods.ft",
     "ike": "jaxedit.methods.ike",
+    "memit": "jaxedit.methods.memit",
     "mend": "jaxedit.methods.mend",
     "none": "jaxedit.methods.none",
     "rome": "jaxedit.methods.rome",

@@ -72,35 +72,33 @@ def right_pad(
     return tokens, mask
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _reprs_at(
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _sites_at(
     cfg: ModelConfig,
+    sites: tuple[str, ...],
     layers: tuple[int, ...],
     params: Params,
     tokens: Int[Array, "B T"],
     mask: Bool[Array, "B T"],
     lookup: Int[Array, " B"],
-) -> tuple[Float[Array, "L B F"], Float[Array, "L B D"]]:
-    """mlp_key and mlp_out of `layers` at each row's lookup token (forward stops above them)."""
-    out = forward(
-        cfg, params, tokens, mask, capture=("mlp_key", "mlp_out"), n_layers=max(layers) + 1
-    )
+) -> tuple[Float[Array, "L B _"], ...]:
+    """`sites` of `layers` at each row's lookup token (the forward stops above the layers)."""
+    out = forward(cfg, params, tokens, mask, capture=sites, n_layers=max(layers) + 1)
     sel, rows = jnp.asarray(layers), jnp.arange(tokens.shape[0])
-    keys = out.captured["mlp_key"][sel][:, rows, lookup]
-    vals = out.captured["mlp_out"][sel][:, rows, lookup]
-    return keys.astype(jnp.float32), vals.astype(jnp.float32)
+    return tuple(out.captured[s][sel][:, rows, lookup].astype(jnp.float32) for s in sites)
 
 
-def subject_reprs(
+def subject_sites(
     lm: LanguageModel,
+    sites: Sequence[str],
     layers: Sequence[int],
     requests: Sequence[tuple[str, str]],
     templates: Sequence[str],
     *,
     batch_rows: int = 64,
-) -> tuple[Float[np.ndarray, "L N R F"], Float[np.ndarray, "L N R D"]]:
-    """Keys k and outputs W k (+ b) of the MLP output projection at the last subject token of
-    template_j ∘ prompt_n(subject_n), for each layer, request (prompt, subject) and template.
+) -> tuple[Float[np.ndarray, "L N R _"], ...]:
+    """The activations at `sites` (e.g. "mlp_key", "resid") of each layer at the last subject
+    token of template_j ∘ prompt_n(subject_n), per layer, request (prompt, subject), template.
 
     Rows run in chunks of `batch_rows` (the last one padded), one compile per length bucket.
     """
@@ -117,7 +115,7 @@ def subject_reprs(
             ids, i = encode_at_subject(tok, t, prompt, subject)
             rows.append(ids)
             lookup.append(i)
-    keys, vals = [], []
+    parts: list[list[np.ndarray]] = [[] for _ in sites]
     for lo in range(0, len(rows), batch_rows):
         chunk = rows[lo : lo + batch_rows]
         idx = lookup[lo : lo + batch_rows]
@@ -126,12 +124,29 @@ def subject_reprs(
         chunk = chunk + [chunk[-1]] * (B - n)
         idx = idx + [idx[-1]] * (B - n)
         tokens, mask = right_pad(chunk, tok.pad_id)
-        k, v = _reprs_at(lm.config, layers, lm.params, tokens, mask, np.asarray(idx, np.int32))
-        keys.append(np.asarray(k, np.float64)[:, :n])
-        vals.append(np.asarray(v, np.float64)[:, :n])
+        got = _sites_at(
+            lm.config, tuple(sites), layers, lm.params, tokens, mask, np.asarray(idx, np.int32)
+        )
+        for acc, x in zip(parts, got, strict=True):
+            acc.append(np.asarray(x, np.float64)[:, :n])
     N, R = len(requests), len(templates)
-    keys_lb, vals_lb = np.concatenate(keys, 1), np.concatenate(vals, 1)
-    return keys_lb.reshape(len(layers), N, R, -1), vals_lb.reshape(len(layers), N, R, -1)
+    return tuple(np.concatenate(p, 1).reshape(len(layers), N, R, -1) for p in parts)
+
+
+def subject_reprs(
+    lm: LanguageModel,
+    layers: Sequence[int],
+    requests: Sequence[tuple[str, str]],
+    templates: Sequence[str],
+    *,
+    batch_rows: int = 64,
+) -> tuple[Float[np.ndarray, "L N R F"], Float[np.ndarray, "L N R D"]]:
+    """Keys k and outputs W k (+ b) of the MLP output projection at the last subject token of
+    template_j ∘ prompt_n(subject_n), for each layer, request (prompt, subject) and template."""
+    k, wk = subject_sites(
+        lm, ("mlp_key", "mlp_out"), layers, requests, templates, batch_rows=batch_rows
+    )
+    return k, wk
 
 
 def average_over_templates(

@@ -1,0 +1,183 @@
+"""MEMIT and AlphaEdit: the layer loop, the solves' invariants (MEMIT = ROME's closed form for
+one layer and one request; AlphaEdit spares the preserved subspace), sequential state (resume ==
+uninterrupted, foreign state refused), bad input, and edits on the embedded model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import tiny_llama_config
+
+import jaxedit as je
+from jaxedit.errors import CheckpointError, ConfigError, InputError
+from jaxedit.methods import alphaedit, memit
+from jaxedit.methods.common import linalg, spread
+from jaxedit.models.generate import top_k
+from jaxedit.models.sites import get_weight
+from jaxedit.models.transformer import init_params
+from jaxedit.requests import EditRequest
+
+FIXED = ("{}", "The following is true. {}", "I read this today. {}")
+REQS = [
+    EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome"),
+    EditRequest("{} is located in the city of", "The Louvre", "Berlin"),
+    EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm):
+    cfg = tiny_llama_config(smollm.config.vocab_size)
+    return je.LanguageModel("tiny", cfg, init_params(cfg, 0), smollm.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tiny_C():
+    rng = np.random.default_rng(0)
+    out = {}
+    for layer in range(3):
+        # a spectrum spanning 1e-4 .. 1: some directions fall under AlphaEdit's threshold
+        Q, _ = np.linalg.qr(rng.standard_normal((48, 48)))
+        out[layer] = (Q * np.logspace(-4, 0, 48)) @ Q.T
+    return out
+
+
+def tiny_hp(cls, **kw):
+    base = dict(layers=(1, 2), v_num_grad_steps=6, context_templates=FIXED, z_lanes=4)
+    return cls(**{**base, **kw})
+
+
+def test_one_layer_one_request_is_romes_closed_form(tiny, tiny_C):
+    """ΔW = (λC + kkᵀ)⁻¹ k rᵀ = C⁻¹k rᵀ / (λ + kᵀC⁻¹k): ROME's direction C⁻¹k with the
+    residual scaled by kᵀC⁻¹k / (λ + kᵀC⁻¹k) (Sherman–Morrison), given the same z and C."""
+    hp = tiny_hp(memit.MEMITHparams, layers=(1,), mom2_update_weight=3.0)
+    state = memit.make_state(tiny, hp, tiny_C)
+    edit, info = memit.compute(tiny, state, REQS[:1])
+    (d,) = edit.deltas
+    zs, _ = memit.target_zs(tiny, state, REQS[:1])
+    k = spread.request_keys(tiny, 1, REQS[:1], FIXED, state.groups)[:, 0]
+    h = spread.bare_outputs(tiny, 1, REQS[:1])[:, 0]
+    C = tiny_C[1]
+    u = linalg.spd_solve(linalg.spd_factor(C), k)
+    # ROME: Λ = (v* − W k) / (uᵀk) with the same value change v* − W k = z − h
+    rome_dw = np.outer(u, linalg.rank_one_right(u, k, zs[:, 0], h))
+    scale = (u @ k) / (3.0 + u @ k)
+    np.testing.assert_allclose(d.matrix(), scale * rome_dw, rtol=2e-4, atol=1e-7)
+    assert info["requests"] == 1 and info["layers"] == [1]
+
+
+def test_memit_spreads_over_layers_and_is_pure(tiny, tiny_C):
+    hp = tiny_hp(memit.MEMITHparams, mom2_update_weight=1.0)
+    state = memit.make_state(tiny, hp, tiny_C)
+    before = get_weight(tiny.params, "mlp_out", 1).copy()
+    edit, info = memit.compute(tiny, state, REQS)
+    assert [d.layer for d in edit.deltas] == [1, 2]
+    np.testing.assert_array_equal(get_weight(tiny.params, "mlp_out", 1), before)
+    # The residual left to write shrinks after the first layer's share is written.
+    errs = [x["z_error"] for x in info["layers_info"]]
+    assert errs[1] < errs[0]
+    # Undo restores the weights.
+    lm2 = je.apply(je.apply(tiny, edit), edit.invert())
+    np.testing.assert_allclose(get_weight(lm2.params, "mlp_out", 1), before, atol=1e-6)
+
+
+def test_alphaedit_spares_the_preserved_subspace(tiny, tiny_C):
+    hp = tiny_hp(alphaedit.AlphaEditHparams, nullspace_threshold=1e-2, L2=1.0)
+    state = alphaedit.make_state(tiny, memit.make_state(tiny, hp, tiny_C))
+    edit, _, state2 = alphaedit.step(tiny, state, REQS)
+    for d in edit.deltas:
+        P = state.P[d.layer]
+        dims = state.base.stats["nullspace_dims"][d.layer]
+        assert 0 < dims < 48
+        # k0 ⟂ range(P): the eigenvectors of C with eigenvalues above the threshold
+        w, V = np.linalg.eigh(tiny_C[d.layer])
+        K0 = V[:, w >= 1e-2]
+        np.testing.assert_allclose(P @ K0, 0, atol=1e-10)
+        dW = d.matrix().astype(np.float64)
+        out = K0.T @ dW  # rows: k0ᵀ ΔW
+        assert np.linalg.norm(out, axis=1).max() <= 1e-4 * max(np.linalg.norm(dW), 1e-12) + 1e-7
+        assert np.linalg.norm(dW) > 0
+    assert state2.rounds == 1 and state2.edits == 3
+    assert all(np.linalg.norm(state2.KpKp[x]) > 0 for x in (1, 2))
+
+
+def test_alphaedit_resume_equals_uninterrupted_and_foreign_state_is_refused(tiny, tiny_C, tmp_path):
+    hp = tiny_hp(alphaedit.AlphaEditHparams, nullspace_threshold=1e-2, L2=1.0)
+    fresh = lambda h=hp: alphaedit.make_state(tiny, memit.make_state(tiny, h, tiny_C))  # noqa: E731
+    # uninterrupted: two rounds
+    e1, _, s1 = alphaedit.step(tiny, fresh(), REQS[:2])
+    lm1 = je.apply(tiny, e1)
+    e2, _, s2 = alphaedit.step(lm1, s1, REQS[2:])
+    # interrupted after round 1: saved, reloaded into a freshly prepared state
+    path = alphaedit.save_state(s1, tmp_path / "state.safetensors")
+    r1 = alphaedit.load_state(fresh(), path)
+    assert r1.rounds == 1 and r1.edits == 2
+    e2r, _, s2r = alphaedit.step(je.apply(tiny, e1), r1, REQS[2:])
+    for a, b in zip(e2.deltas, e2r.deltas, strict=True):
+        np.testing.assert_array_equal(a.matrix(), b.matrix())
+    for x in (1, 2):
+        np.testing.assert_array_equal(s2.KpKp[x], s2r.KpKp[x])
+    # another layer range / another threshold / another model: refused
+    with pytest.raises(CheckpointError, match="layers"):
+        alphaedit.load_state(fresh(dataclasses.replace(hp, layers=(2,))), path)
+    with pytest.raises(CheckpointError, match="nullspace_threshold"):
+        alphaedit.load_state(fresh(dataclasses.replace(hp, nullspace_threshold=5e-2)), path)
+    with pytest.raises(CheckpointError, match="model"):
+        alphaedit.load_state(dataclasses.replace(fresh(), model="0" * 16), path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a state")
+    with pytest.raises(CheckpointError):
+        alphaedit.load_state(fresh(), tmp_path / "junk.safetensors")
+
+
+def test_bad_input(tiny, tiny_C):
+    hp = tiny_hp(memit.MEMITHparams)
+    state = memit.make_state(tiny, hp, tiny_C)
+    clash = [REQS[0], dataclasses.replace(REQS[0], target_new="Madrid")]
+    with pytest.raises(InputError, match="different targets"):
+        memit.compute(tiny, state, clash)
+    # the same fact twice with the same target is fine (one key, one value)
+    memit.spread.check_requests([REQS[0], REQS[0]])
+    # a singular system: C = 0 and fewer keys than dimensions; the ridge makes it solvable
+    zero = {x: np.zeros((48, 48)) for x in range(3)}
+    with pytest.raises(InputError, match="singular"):
+        memit.compute(tiny, memit.make_state(tiny, hp, zero), REQS[:1])
+    ridged = dataclasses.replace(hp, ridge=1e-3)
+    edit, _ = memit.compute(tiny, memit.make_state(tiny, ridged, zero), REQS[:1])
+    assert np.isfinite(edit.deltas[0].matrix()).all()
+    with pytest.raises(ConfigError, match="increasing"):
+        memit.MEMITHparams(layers=(2, 1))
+    with pytest.raises(ConfigError, match="L2"):
+        alphaedit.AlphaEditHparams(layers=(1,), L2=0.0)
+    with pytest.raises(InputError, match="out of range"):
+        memit.make_state(tiny, memit.MEMITHparams(layers=(1, 7), context_templates=FIXED), tiny_C)
+    with pytest.raises(InputError, match="threshold"):
+        alphaedit.make_state(
+            tiny,
+            memit.make_state(
+                tiny, tiny_hp(alphaedit.AlphaEditHparams, nullspace_threshold=1e-9), tiny_C
+            ),
+        )
+
+
+def test_protocol_names(smollm):
+    assert {"memit", "alphaedit"} <= set(je.methods.names())
+    m = je.methods.get("alphaedit")
+    assert m.hparams_cls is alphaedit.AlphaEditHparams
+    hp = je.methods.get("memit").hparams("smollm2-135m")
+    assert hp.layers[-1] < smollm.config.n_layers
+
+
+@pytest.mark.parametrize("name", ["memit", "alphaedit"])
+def test_edits_the_embedded_model(smollm, name, tmp_path):
+    """A batch of three facts, written into layers of the embedded model at once: each
+    rewrite prompt now puts its new target first."""
+    m = je.methods.get(name)
+    hp = m.hparams("smollm2-135m", mom2_n_tokens=2048, z_lanes=4)
+    state = m.prepare(smollm, hp, cache_dir=str(tmp_path))
+    edit, info = m.compute(smollm, state, REQS)
+    lm2 = je.apply(smollm, edit)
+    for r in REQS:
+        (tok, _), *_ = top_k(lm2, r.rewrite_prompt, 1)
+        assert tok.strip() == r.target_new, (name, r, tok, info)
