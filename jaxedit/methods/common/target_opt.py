@@ -12,13 +12,23 @@ with v₀ the site's value at the last subject token of the bare prompt (row 0),
 clamping ‖δ‖ ≤ clamp_norm_factor · ‖v₀‖ after each update, and stopping before the update once
 L < early_stop_loss or after `steps` loss evaluations. The target value is v* = v₀ + δ.
 
+With `stop_when_argmax` (ENCORE's "most-probable early stopping", MPES: Gupta et al. 2025,
+"Lifelong Sequential Knowledge Editing without Model Degradation") the loop also stops, at the
+same check, once every real target token is the argmax of its teacher-forced logits on every
+template row: the edit stops at "the model says it" instead of driving the target's
+probability towards 1, which over-fits and inflates the weights over many edits. (The
+reference code counts correct (row, token) pairs over the rows after the first and stops at
+five: every such row for one-token targets and MEMIT's 1 + 5 templates. Here every row, the
+bare prompt's too, and every target token must be right.)
+
 How it runs: the whole loop is one `lax.while_loop` inside `jit`. Each step runs only what δ
 can change — blocks l..L-1 on the positions from each row's last subject token on — over the
 unedited model's keys/values of the earlier positions, computed once by `clean_run` (`Suffix`):
 positions before the subject token never attend to it (causal attention) and layers below l
 never see δ. Under `grad` the blocks keep only matmul outputs (`dots_saveable`, in
 `run_layers`). `optimise` is pure in arrays (no Python branching on values), so batches of
-requests of one shape can be `jax.vmap`ped through it.
+requests can be `jax.vmap`ped through it: `target_values` pads up to `lanes` requests to common
+shapes and runs them as one compiled call, a request per lane (MEMIT's z for a whole batch).
 
 Deliberate differences from the reference: targets of 1..N tokens are padded to a power of two
 (weight 0) so that one compile serves them; ‖·‖ has gradient 0 at δ = 0 (as torch's).
@@ -26,6 +36,8 @@ Deliberate differences from the reference: targets of 1..N tokens are padded to 
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
@@ -57,6 +69,9 @@ class TargetSettings:
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖v₀‖
     early_stop_loss: float = 5e-2
+    # ENCORE's most-probable early stopping (MPES): also stop once every target token is the
+    # argmax of its teacher-forced logits on every template row.
+    stop_when_argmax: bool = False
 
     def arrays(self) -> dict:
         """Traced values: changing a setting does not recompile."""
@@ -67,6 +82,7 @@ class TargetSettings:
             "kl_factor": jnp.float32(self.kl_factor),
             "clamp_norm_factor": jnp.float32(self.clamp_norm_factor),
             "early_stop_loss": jnp.float32(self.early_stop_loss),
+            "stop_when_argmax": jnp.bool_(self.stop_when_argmax),
         }
 
 
@@ -203,6 +219,7 @@ class OptResult(NamedTuple):
     kl: Float[Array, ""]
     weight_decay: Float[Array, ""]
     target_prob: Float[Array, ""]  # mean over templates of exp(−mean token NLL)
+    target_argmax: Bool[Array, ""]  # every target token the argmax on every template row
 
 
 def optimise(
@@ -253,18 +270,28 @@ def optimise(
         kl = jnp.sum(jnp.exp(kl_logp) * (kl_logp - kl_init)) / K  # KL(edited ‖ unedited)
         decay = hp["weight_decay"] * safe_norm(delta) / v0_norm**2
         loss = nll + hp["kl_factor"] * kl + decay
-        return loss, (nll, kl, decay, jnp.mean(jnp.exp(-nll_each)))
+        # MPES: is each real target token the most probable one at its position?
+        top = jnp.argmax(logp[:R], axis=-1) == targets  # [R N]
+        argmax = jnp.all(top | (weights == 0)[None, :])
+        return loss, (nll, kl, decay, jnp.mean(jnp.exp(-nll_each)), argmax)
 
     opt = optax.adam(hp["lr"])
     delta0 = jnp.zeros((D,), jnp.float32)
     zero = jnp.float32(0.0)
-    init = (jnp.int32(0), delta0, opt.init(delta0), jnp.bool_(False), (zero, (zero,) * 4))
+    aux0 = (zero, zero, zero, zero, jnp.bool_(False))
+    init = (jnp.int32(0), delta0, opt.init(delta0), jnp.bool_(False), (zero, aux0))
 
     def body(carry):
         it, delta, opt_state, done, last = carry
         (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(delta)
-        # As the reference: check the loss first, stop before updating.
-        stop = done | (loss < hp["early_stop_loss"]) | (it >= hp["steps"] - 1)
+        # As the reference: check the loss (and, with MPES, the argmax) first, stop before
+        # updating.
+        stop = (
+            done
+            | (loss < hp["early_stop_loss"])
+            | (hp["stop_when_argmax"] & aux[-1])
+            | (it >= hp["steps"] - 1)
+        )
         updates, new_state = opt.update(grad, opt_state, delta)
         new = optax.apply_updates(delta, updates)
         max_norm = hp["clamp_norm_factor"] * v0_norm
@@ -288,6 +315,74 @@ def optimise(
 optimise_jit = jax.jit(optimise, static_argnums=(0, 1, 2))
 
 
+def _one_request(
+    cfg: ModelConfig,
+    site: str,
+    layer: int,
+    S: int,
+    params: Params,
+    tokens: Int[Array, "B T"],
+    mask: Bool[Array, "B T"],
+    lookup: Int[Array, " B"],
+    logit_pos: Int[Array, "B N"],
+    targets: Int[Array, "R N"],
+    weights: Float[Array, " N"],
+    hp: dict,
+) -> tuple[Float[Array, " D"], OptResult]:
+    """v₀ and the optimisation of one request from its rows: `clean_run`, then `optimise`
+    (two jitted calls when run alone, inlined when vmapped inside `_lanes`)."""
+    values_bd, logp_bv, suffix = clean_run(
+        cfg, site, layer, S, params, tokens, mask, lookup, logit_pos
+    )
+    R = targets.shape[0]
+    v0 = values_bd[0]  # the bare prompt's value (templates[0] is "{}")
+    r = optimise_jit(cfg, site, layer, params, suffix, targets, weights, logp_bv[R:], v0, hp)
+    return v0, r
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _lanes(
+    cfg: ModelConfig,
+    site: str,
+    layer: int,
+    S: int,
+    params: Params,
+    tokens: Int[Array, "C B T"],
+    mask: Bool[Array, "C B T"],
+    lookup: Int[Array, "C B"],
+    logit_pos: Int[Array, "C B N"],
+    targets: Int[Array, "C R N"],
+    weights: Float[Array, "C N"],
+    hp: dict,
+) -> tuple[Float[Array, "C D"], OptResult]:
+    """`_one_request` for C requests of one shape at once, a request per lane: the matmuls of
+    every lane's rows run as one, the loop runs until the slowest lane stops (`optimise`
+    freezes the others)."""
+    one = partial(_one_request, cfg, site, layer, S, params)
+    return jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, None))(
+        tokens, mask, lookup, logit_pos, targets, weights, hp
+    )
+
+
+def pad_batch(b: TargetBatch, T: int, N: int) -> TargetBatch:
+    """`b` widened to T tokens and N target slots without changing its result: new token
+    columns are padding (mask 0), new target slots repeat the last one with weight 0 (as
+    `target_batch` pads a target to a power of two)."""
+    B, T0 = b.tokens.shape
+    N0 = b.weights.shape[0]
+    if T < T0 or N < N0:
+        raise ValueError(f"cannot narrow a target batch ({T0}, {N0}) to ({T}, {N})")
+    widen = lambda a, n: np.concatenate([a, np.repeat(a[:, -1:], n - a.shape[1], 1)], 1)
+    return TargetBatch(
+        np.pad(b.tokens, ((0, 0), (0, T - T0))),
+        np.pad(b.mask, ((0, 0), (0, T - T0))),
+        b.lookup,
+        widen(b.logit_pos, N),
+        widen(b.targets, N),
+        np.pad(b.weights, (0, N - N0)),
+    )
+
+
 @dataclass(frozen=True)
 class TargetValue:
     """v* = v0 + delta at `site` of `layer`, and how the optimisation went."""
@@ -302,10 +397,37 @@ class TargetValue:
     kl: float
     weight_decay: float
     target_prob: float
+    target_argmax: bool = False  # at the last evaluation: every target token the argmax
 
     @property
     def v_star(self) -> Float[np.ndarray, " D"]:
         return self.v0 + self.delta
+
+
+def _target_value(site: str, layer: int, v0, r: OptResult) -> TargetValue:
+    return TargetValue(
+        site,
+        layer,
+        np.asarray(v0, np.float64),
+        np.asarray(r.delta, np.float64),
+        int(r.steps),
+        float(r.loss),
+        float(r.nll),
+        float(r.kl),
+        float(r.weight_decay),
+        float(r.target_prob),
+        bool(r.target_argmax),
+    )
+
+
+def _check_site(lm: LanguageModel, site: str, layer: int) -> None:
+    if site not in SITES:
+        raise InputError(f"target site {site!r}: one of {SITES}")
+    if not 0 <= layer < lm.config.n_layers:
+        raise InputError(f"layer {layer} out of range 0..{lm.config.n_layers - 1}")
+
+
+_FIELDS = ("tokens", "mask", "lookup", "logit_pos", "targets", "weights")  # stacked per lane
 
 
 def target_value(
@@ -318,39 +440,80 @@ def target_value(
     kl_prompts: tuple[str, ...] = ("{} is a",),
 ) -> TargetValue:
     """Optimise δ for one request (`prompt`, `subject`, `target_new`) on `lm`."""
-    if site not in SITES:
-        raise InputError(f"target site {site!r}: one of {SITES}")
-    if not 0 <= layer < lm.config.n_layers:
-        raise InputError(f"layer {layer} out of range 0..{lm.config.n_layers - 1}")
-    b = target_batch(
-        lm.tokenizer, request.prompt, request.subject, request.target_new, templates, kl_prompts
-    )
-    values_bd, logp_bv, suffix = clean_run(
-        lm.config, site, layer, suffix_length(b), lm.params, b.tokens, b.mask, b.lookup, b.logit_pos
-    )
-    R = len(templates)
-    v0 = values_bd[0]  # the bare prompt's value (templates[0] is "{}")
-    r = optimise_jit(
-        lm.config,
-        site,
-        layer,
-        lm.params,
-        suffix,
-        jnp.asarray(b.targets),
-        jnp.asarray(b.weights),
-        logp_bv[R:],
-        v0,
-        settings.arrays(),
-    )
-    return TargetValue(
-        site,
-        layer,
-        np.asarray(v0, np.float64),
-        np.asarray(r.delta, np.float64),
-        int(r.steps),
-        float(r.loss),
-        float(r.nll),
-        float(r.kl),
-        float(r.weight_decay),
-        float(r.target_prob),
-    )
+    return target_values(lm, site, layer, [request], templates, settings, kl_prompts, lanes=1)[0]
+
+
+def target_values(
+    lm: LanguageModel,
+    site: str,
+    layer: int,
+    requests: Sequence,
+    templates: tuple[str, ...],
+    settings: TargetSettings,
+    kl_prompts: tuple[str, ...] = ("{} is a",),
+    *,
+    lanes: int = 16,
+    progress: bool = False,
+) -> list[TargetValue]:
+    """Optimise δ for each request, `lanes` requests per compiled call (MEMIT's z for a batch).
+
+    Requests are grouped by shape (suffix length, target slots), then each group of up to
+    `lanes` runs as one vmapped `clean_run` + `optimise`, every request in its own lane: the
+    rows are widened to the group's common shapes (`pad_batch`, `suffix_length`; all rounded
+    to buckets, so compiles repeat), which changes no result beyond float rounding. A last,
+    smaller group runs in a power of two of lanes, the spare lanes copies of a real request
+    (results dropped; a copy stops with its original, so it never prolongs the loop). A group
+    of one runs unvmapped: `target_value` is `target_values` of one request. Results come
+    back in the order of `requests`. `progress` shows a bar over requests on stderr.
+    """
+    _check_site(lm, site, layer)
+    if lanes < 1:
+        raise InputError(f"lanes={lanes}: at least 1")
+    requests = list(requests)
+    tok = lm.tokenizer
+    batches = [
+        target_batch(tok, r.prompt, r.subject, r.target_new, templates, kl_prompts)
+        for r in requests
+    ]
+    S_each = [suffix_length(b) for b in batches]
+    # Similar shapes share a call: less padding, and a call's loop runs as long as its slowest lane.
+    order = sorted(range(len(batches)), key=lambda i: (S_each[i], batches[i].weights.shape[0]))
+    hp = settings.arrays()
+    out: list[TargetValue | None] = [None] * len(batches)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(batches), unit="req", desc=f"target values L{layer}", file=sys.stderr)
+
+    def collect(idx, v0, r):
+        v0, r = jax.device_get((v0, r))
+        for lane, i in enumerate(idx):
+            out[i] = _target_value(site, layer, v0[lane], OptResult(*(a[lane] for a in r)))
+        if bar is not None:
+            bar.update(len(idx))
+
+    pending = None  # dispatch call c+1 before reading call c back
+    for lo in range(0, len(order), lanes):
+        idx = order[lo : lo + lanes]
+        C = min(lanes, 1 << (len(idx) - 1).bit_length())
+        lane_idx = idx + [idx[0]] * (C - len(idx))
+        T = max(batches[i].tokens.shape[1] for i in lane_idx)
+        N = max(batches[i].weights.shape[0] for i in lane_idx)
+        S = max(S_each[i] for i in lane_idx)
+        group = [pad_batch(batches[i], T, N) for i in lane_idx]
+        args = [np.stack([getattr(b, f) for b in group]) for f in _FIELDS]
+        if C == 1:  # no vmap: the two jitted calls of a single request
+            one = (jnp.asarray(a[0]) for a in args)
+            v0, r = _one_request(lm.config, site, layer, S, lm.params, *one, hp)
+            v0, r = v0[None], OptResult(*(a[None] for a in r))
+        else:
+            v0, r = _lanes(lm.config, site, layer, S, lm.params, *args, hp)
+        if pending is not None:
+            collect(*pending)
+        pending = (idx, v0, r)
+    if pending is not None:
+        collect(*pending)
+    if bar is not None:
+        bar.close()
+    return out
