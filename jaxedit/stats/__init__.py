@@ -28,7 +28,13 @@ from jaxedit.stats.corpora import (
 )
 
 # The kernel `second_moment.second_moment` is not re-exported: the name would shadow the module.
-from jaxedit.stats.second_moment import DEFAULT_N_TOKENS, data_mesh, layer_stats, pack
+from jaxedit.stats.second_moment import (
+    DEFAULT_N_TOKENS,
+    data_mesh,
+    layer_stats,
+    layers_stats,
+    pack,
+)
 
 __all__ = [
     "DEFAULT_N_TOKENS",
@@ -41,6 +47,7 @@ __all__ = [
     "data_mesh",
     "default_cache_dir",
     "layer_stats",
+    "layers_stats",
     "load_corpus",
     "load_stats",
     "model_fingerprint",

@@ -1,4 +1,4 @@
-"""Second-moment statistics of MLP keys: C = E[k kᵀ] at `mlp_key` of one layer (ROME §3, eq. 2).
+"""Second-moment statistics of MLP keys: C = E[k kᵀ] at `mlp_key` of a layer (ROME §3, eq. 2).
 
 ROME's closed-form edit needs the uncentred second moment of the keys that enter the MLP
 output projection of layer l, estimated over a text corpus:
@@ -7,12 +7,14 @@ output projection of layer l, estimated over a text corpus:
 
 How it is computed here (and why):
 - the forward stops at layer l (`n_layers=l+1`): nothing above it and no logits are computed;
+  for several layers (MEMIT's) one pass captures them all, stopping at the highest;
 - documents are packed by length into shape buckets, so the jitted step compiles once per
   bucket; per-batch sums Σ k kᵀ are fp32 on device and accumulated in fp64 on the host;
 - batches are sharded over a 1-D mesh ("data") of all local devices; params are replicated.
   The per-device partial sums are reduced by XLA (the einsum contracts the sharded axis);
-- `layer_stats` reads the result from the cache (`jaxedit.stats.cache`) when a valid file
-  exists, else loads the corpus (`jaxedit.stats.corpora`), computes and caches it.
+- `layers_stats` reads each layer from the cache (`jaxedit.stats.cache`, one file per layer)
+  when a valid file exists, else loads the corpus (`jaxedit.stats.corpora`) once, computes
+  the missing layers in one pass and caches each; `layer_stats` is its one-layer case.
 
 `DEFAULT_N_TOKENS` is the one default sample size (the `jaxedit stats` command, `layer_stats`
 and `ROMEHparams.mom2_n_tokens`): 16,384 tokens is about ten times the key width of a small
@@ -25,7 +27,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -80,14 +82,15 @@ def pack(
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _moment_sum(
-    cfg: ModelConfig, layer: int, params: Params, tokens, mask
-) -> tuple[Float[Array, "F F"], Int[Array, ""]]:
-    """Σ k kᵀ over the real tokens of one batch, keys of `layer` (forward stops there)."""
-    out = forward(cfg, params, tokens, mask, capture=("mlp_key",), n_layers=layer + 1)
-    keys_btf = out.captured["mlp_key"][layer].astype(jnp.float32)
-    keys_btf = jnp.where(mask[..., None], keys_btf, 0.0)
-    kk = jnp.einsum("btf,btg->fg", keys_btf, keys_btf, precision=jax.lax.Precision.HIGHEST)
+def _moment_sums(
+    cfg: ModelConfig, layers: tuple[int, ...], params: Params, tokens, mask
+) -> tuple[Float[Array, "Y F F"], Int[Array, ""]]:
+    """Σ k kᵀ over the real tokens of one batch, keys of each of `layers` (the forward stops
+    at the highest)."""
+    out = forward(cfg, params, tokens, mask, capture=("mlp_key",), n_layers=max(layers) + 1)
+    keys_ybtf = out.captured["mlp_key"][jnp.asarray(layers)].astype(jnp.float32)
+    keys_ybtf = jnp.where(mask[None, :, :, None], keys_ybtf, 0.0)
+    kk = jnp.einsum("ybtf,ybtg->yfg", keys_ybtf, keys_ybtf, precision=jax.lax.Precision.HIGHEST)
     return kk, jnp.sum(mask, dtype=jnp.int32)
 
 
@@ -95,6 +98,53 @@ def data_mesh(devices=None) -> Mesh:
     """A 1-D mesh over `devices` (default: every local device), axis "data" (batches are
     split along it)."""
     return Mesh(np.array(list(devices) if devices is not None else jax.local_devices()), ("data",))
+
+
+def second_moments(
+    lm: LanguageModel,
+    layers: Sequence[int],
+    docs: list[list[int]],
+    *,
+    batch_tokens: int = 4096,
+    dtype: str = "float32",
+    progress: bool = False,
+    devices=None,
+) -> tuple[dict[int, np.ndarray], int]:
+    """Stream `docs` through the model once; return ({layer: C [F F]}, token count) for every
+    layer in `layers`. Data-parallel."""
+    cfg = lm.config
+    layers = _check_layers(cfg, layers)
+    if dtype not in ("float32", "float64"):
+        raise InputError(f"statistics dtype must be float32 or float64, not {dtype!r}")
+    mesh = data_mesh(devices)
+    n_dev = mesh.devices.size
+    replicated = NamedSharding(mesh, PartitionSpec())
+    by_batch = NamedSharding(mesh, PartitionSpec("data"))
+    params = jax.device_put(lm.params, replicated)
+    acc = np.zeros((len(layers), cfg.d_ff, cfg.d_ff), np.float64)
+    count = 0
+    total = sum(len(d) for d in docs)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        desc = "stats L" + ",".join(map(str, layers))
+        bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, file=sys.stderr)
+    pending = None  # overlap: dispatch batch i+1 before reading batch i back
+    for tokens, mask in pack(docs, lm.tokenizer.pad_id, batch_tokens, n_dev):
+        step = _moment_sums(
+            cfg, layers, params, jax.device_put(tokens, by_batch), jax.device_put(mask, by_batch)
+        )
+        if pending is not None:
+            acc, count = _accumulate(acc, count, pending, bar)
+        pending = step
+    if pending is not None:
+        acc, count = _accumulate(acc, count, pending, bar)
+    if bar is not None:
+        bar.close()
+    if count == 0:
+        raise InputError("the corpus produced no tokens")
+    return {layer: (acc[y] / count).astype(dtype) for y, layer in enumerate(layers)}, count
 
 
 def second_moment(
@@ -108,42 +158,16 @@ def second_moment(
     devices=None,
 ) -> tuple[np.ndarray, int]:
     """Stream `docs` through the model; return (C [F F], token count). Data-parallel."""
-    cfg = lm.config
-    if not 0 <= layer < cfg.n_layers:
-        raise InputError(f"layer {layer} out of range 0..{cfg.n_layers - 1}")
-    if dtype not in ("float32", "float64"):
-        raise InputError(f"statistics dtype must be float32 or float64, not {dtype!r}")
-    mesh = data_mesh(devices)
-    n_dev = mesh.devices.size
-    replicated = NamedSharding(mesh, PartitionSpec())
-    by_batch = NamedSharding(mesh, PartitionSpec("data"))
-    params = jax.device_put(lm.params, replicated)
-    acc = np.zeros((cfg.d_ff, cfg.d_ff), np.float64)
-    count = 0
-    total = sum(len(d) for d in docs)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=total, unit="tok", unit_scale=True, desc=f"stats L{layer}", file=sys.stderr
-        )
-    pending = None  # overlap: dispatch batch i+1 before reading batch i back
-    for tokens, mask in pack(docs, lm.tokenizer.pad_id, batch_tokens, n_dev):
-        step = _moment_sum(
-            cfg, layer, params, jax.device_put(tokens, by_batch), jax.device_put(mask, by_batch)
-        )
-        if pending is not None:
-            acc, count = _accumulate(acc, count, pending, bar)
-        pending = step
-    if pending is not None:
-        acc, count = _accumulate(acc, count, pending, bar)
-    if bar is not None:
-        bar.close()
-    if count == 0:
-        raise InputError("the corpus produced no tokens")
-    mom2 = acc / count
-    return mom2.astype(dtype), count
+    moms, count = second_moments(
+        lm,
+        (layer,),
+        docs,
+        batch_tokens=batch_tokens,
+        dtype=dtype,
+        progress=progress,
+        devices=devices,
+    )
+    return moms[layer], count
 
 
 def _accumulate(acc, count, step, bar):
@@ -153,6 +177,23 @@ def _accumulate(acc, count, step, bar):
     if bar is not None:
         bar.update(n)
     return acc, count + n
+
+
+def _check_layers(cfg: ModelConfig, layers: Sequence[int]) -> tuple[int, ...]:
+    """`layers` as a tuple of distinct ints (first occurrence kept), each a layer of `cfg`."""
+    if isinstance(layers, (int, np.integer)):
+        raise InputError(f"layers must be a sequence of ints, not the int {layers}")
+    out = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise InputError(f"layer {layer!r} is not an int")
+        if not 0 <= layer < cfg.n_layers:
+            raise InputError(f"layer {layer} out of range 0..{cfg.n_layers - 1}")
+        if int(layer) not in out:
+            out.append(int(layer))
+    if not out:
+        raise InputError("no layers given")
+    return tuple(out)
 
 
 def layer_stats(
@@ -172,57 +213,109 @@ def layer_stats(
     progress: bool = False,
     dataset_loader: DatasetLoader | None = None,
 ) -> Stats:
-    """C = E[k kᵀ] at `mlp_key` of `layer` over `corpus`, from the cache when it is valid.
-
-    A cache file that is corrupt or does not match the key is rebuilt (`on_bad_cache=
-    "rebuild"`, with a warning on stderr) or refused (`"error"`): never silently used.
-    `seed` draws the `self` samples and the hub corpora's article sample; `dataset_loader`
-    replaces the hub download (`jaxedit.stats.corpora.load_corpus`).
-    """
-    if on_bad_cache not in ("rebuild", "error"):
-        raise ValueError("on_bad_cache must be 'rebuild' or 'error'")
-    if not 0 <= layer < lm.config.n_layers:
-        raise InputError(f"layer {layer} out of range 0..{lm.config.n_layers - 1}")
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    corpus_fp = corpus_fingerprint(corpus, seed, max_len)
-    key = cache_key(lm, layer, corpus_fp, n_tokens, n_samples, max_len, dtype)
-    path = cache_path(cache_dir, key)
-    if use_cache and path.exists():
-        try:
-            st = load_stats(path, key)
-            return Stats(st.mom2, st.count, {**st.meta, "cache": str(path), "from_cache": True})
-        except CheckpointError as e:
-            if on_bad_cache == "error":
-                raise
-            print(f"jaxedit stats: {e}; recomputing", file=sys.stderr)
-    t0 = time.perf_counter()
-    c = load_corpus(
+    """C = E[k kᵀ] at `mlp_key` of `layer` over `corpus`, from the cache when it is valid:
+    `layers_stats` of one layer (the options are its)."""
+    return layers_stats(
         lm,
+        (layer,),
         corpus,
         n_tokens=n_tokens,
         n_samples=n_samples,
         max_len=max_len,
+        dtype=dtype,
+        cache_dir=cache_dir,
+        use_cache=use_cache,
+        on_bad_cache=on_bad_cache,
+        batch_tokens=batch_tokens,
         seed=seed,
         progress=progress,
         dataset_loader=dataset_loader,
-    )
-    t1 = time.perf_counter()
-    mom2, count = second_moment(
-        lm, layer, c.docs, batch_tokens=batch_tokens, dtype=dtype, progress=progress
-    )
-    t2 = time.perf_counter()
-    meta = {
-        **key,
-        "corpus_name": c.name,
-        "documents": len(c.docs),
-        "corpus_seconds": round(t1 - t0, 3),
-        "seconds": round(t2 - t1, 3),
-        "tokens_per_s": round(count / max(t2 - t1, 1e-9), 1),
-        "devices": jax.local_device_count(),
+    )[int(layer)]
+
+
+def layers_stats(
+    lm: LanguageModel,
+    layers: Sequence[int],
+    corpus: str = "self",
+    *,
+    n_tokens: int | None = DEFAULT_N_TOKENS,
+    n_samples: int | None = None,
+    max_len: int = 256,
+    dtype: str = "float32",
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    on_bad_cache: str = "rebuild",
+    batch_tokens: int = 4096,
+    seed: int = 0,
+    progress: bool = False,
+    dataset_loader: DatasetLoader | None = None,
+) -> dict[int, Stats]:
+    """{layer: C = E[k kᵀ] at `mlp_key` of that layer} over `corpus` (MEMIT's layers at once).
+
+    Each layer is cached in its own file, under the key `layer_stats` uses (either reads the
+    other's files). Layers with a valid file are read; the others come from ONE pass over the
+    corpus, its forward stopped at the highest of them. A file that is corrupt or does not
+    match its key is rebuilt (`on_bad_cache="rebuild"`, with a warning on stderr) or refused
+    (`"error"`, before anything is computed): never silently used. `seed` draws the `self`
+    samples and the hub corpora's article sample; `dataset_loader` replaces the hub download
+    (`jaxedit.stats.corpora.load_corpus`).
+    """
+    if on_bad_cache not in ("rebuild", "error"):
+        raise ValueError("on_bad_cache must be 'rebuild' or 'error'")
+    layers = _check_layers(lm.config, layers)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    corpus_fp = corpus_fingerprint(corpus, seed, max_len)
+    keys = {
+        layer: cache_key(lm, layer, corpus_fp, n_tokens, n_samples, max_len, dtype)
+        for layer in layers
     }
-    st = Stats(mom2, count, meta)
-    if use_cache:
-        save_stats(path, st)
-    return Stats(
-        mom2, count, {**meta, "cache": str(path) if use_cache else None, "from_cache": False}
-    )
+    paths = {layer: cache_path(cache_dir, keys[layer]) for layer in layers}
+    out: dict[int, Stats] = {}
+    for layer in layers:
+        if not (use_cache and paths[layer].exists()):
+            continue
+        try:
+            st = load_stats(paths[layer], keys[layer])
+        except CheckpointError as e:
+            if on_bad_cache == "error":
+                raise
+            print(f"jaxedit stats: {e}; recomputing", file=sys.stderr)
+            continue
+        out[layer] = Stats(
+            st.mom2, st.count, {**st.meta, "cache": str(paths[layer]), "from_cache": True}
+        )
+    missing = tuple(sorted(set(layers) - set(out)))
+    if missing:
+        t0 = time.perf_counter()
+        c = load_corpus(
+            lm,
+            corpus,
+            n_tokens=n_tokens,
+            n_samples=n_samples,
+            max_len=max_len,
+            seed=seed,
+            progress=progress,
+            dataset_loader=dataset_loader,
+        )
+        t1 = time.perf_counter()
+        moms, count = second_moments(
+            lm, missing, c.docs, batch_tokens=batch_tokens, dtype=dtype, progress=progress
+        )
+        t2 = time.perf_counter()
+        for layer in missing:
+            meta = {
+                **keys[layer],
+                "corpus_name": c.name,
+                "documents": len(c.docs),
+                "corpus_seconds": round(t1 - t0, 3),
+                "seconds": round(t2 - t1, 3),  # of the pass, shared by `pass_layers`
+                "tokens_per_s": round(count / max(t2 - t1, 1e-9), 1),
+                "devices": jax.local_device_count(),
+                "pass_layers": list(missing),
+            }
+            st = Stats(moms[layer], count, meta)
+            if use_cache:
+                save_stats(paths[layer], st)
+            cache = str(paths[layer]) if use_cache else None
+            out[layer] = Stats(st.mom2, count, {**meta, "cache": cache, "from_cache": False})
+    return {layer: out[layer] for layer in layers}
