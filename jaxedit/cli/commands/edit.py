@@ -1,11 +1,21 @@
-"""jaxedit edit: edit a fact with any registered method and show the predictions before/after.
+"""jaxedit edit: edit facts with any registered method and show the predictions before/after.
 
     jaxedit edit --method rome --prompt "{} is located in the city of" \
         --subject "The Eiffel Tower" --target "Rome" --check "The capital of Germany is"
+    jaxedit edit --method memit --requests edits.jsonl [--n 100] [--show 5]
 
 The method runs through the protocol only (`jaxedit.methods`: hparams -> prepare -> compute ->
 `jaxedit.apply`); its settings come from its hparams dataclass: `--hparams PRESET|FILE` and
-`--set key=value`. `--requests FILE.jsonl` edits many facts, one after another, as one edit.
+`--set key=value`.
+
+`--requests FILE` edits many facts as one edit, all of them in ONE `compute` call (MEMIT and
+AlphaEdit write them in one solve; ROME and FT edit them one after another, as their `compute`
+does). FILE is JSON lines or a JSON list of `{prompt, subject, target_new (or target)[,
+target_true]}` (prompt with "{}" or containing the subject; ROME's `{"str": ...}` targets are
+accepted), or any data-set file `jaxedit.eval.datasets.load` reads (CounterFact, zsRE, KnowEdit,
+MQuAKE); `--n N` takes the first N records. A compact table shows, for the first `--show`
+requests, the top-1 prediction and p(target_new) before and after.
+
 `--save-edit FILE` writes the edit alone (`jaxedit.load_edit` reads it back); `--save DIR` the
 edited model (weight edits).
 """
@@ -21,12 +31,15 @@ from jaxedit.cli.method_args import add_method_arguments, hparams_json, method_a
 from jaxedit.cli.shared import load_model
 from jaxedit.edits import WeightEdit, apply, save_edit
 from jaxedit.errors import InputError
+from jaxedit.eval import datasets
+from jaxedit.eval.scoring import score_targets
 from jaxedit.io.checkpoint import save_hf
 from jaxedit.models.generate import top_k
+from jaxedit.models.lm import LanguageModel
 from jaxedit.requests import EditRequest, from_prompt
 
 NAME = "edit"
-HELP = "edit a fact (ROME, MEND, IKE, ...) and compare top predictions before and after"
+HELP = "edit facts (ROME, MEMIT, AlphaEdit, MEND, IKE, ...) and compare predictions before/after"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,7 +51,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--requests",
         default=None,
-        help="JSONL file of requests {prompt, subject, target_new[, target_true]}",
+        metavar="FILE",
+        help="many requests, edited in one call: JSON lines or a JSON list of {prompt, subject, "
+        "target_new[, target_true]}, or a data-set file (CounterFact, zsRE, KnowEdit, MQuAKE)",
+    )
+    p.add_argument("--n", type=int, default=None, help="with --requests: take the first N records")
+    p.add_argument(
+        "--show", type=int, default=5, help="requests shown in the before/after table (default 5)"
     )
     p.add_argument(
         "--check",
@@ -57,54 +76,138 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def read_requests(path: str) -> list[EditRequest]:
-    out = []
+# ----------------------------------------------------------------------------- requests file
+
+
+def _records(path: Path) -> list[tuple[str, object]]:
+    """(where, record) for each record of a JSON list / one JSON object / JSON-lines file;
+    `where` names the line (JSON lines) or the list index, for error messages."""
     try:
-        lines = Path(path).read_text().splitlines()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise InputError(f"{path}: {e}") from e
-    for i, line in enumerate(lines):
+        raise InputError(f"--requests {path}: cannot read ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise InputError(f"--requests {path}: not UTF-8 text ({e.reason})") from e
+    if not text.strip():
+        raise InputError(f"--requests {path}: empty file")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return _json_lines(path, text)
+    values = list(data.values()) if isinstance(data, dict) else []
+    if len(values) == 1 and isinstance(values[0], list):
+        data = values[0]  # {"data": [...]}, as datasets.read_records reads it
+    if isinstance(data, dict):
+        return [("line 1", data)]
+    if not isinstance(data, list):
+        raise InputError(
+            f"--requests {path}: expected JSON objects, got a JSON {type(data).__name__}"
+        )
+    return [(f"record {i}", rec) for i, rec in enumerate(data)]
+
+
+def _json_lines(path: Path, text: str) -> list[tuple[str, object]]:
+    out = []
+    for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            out.append((f"line {i}", json.loads(line)))
         except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{i + 1}: not JSON ({e})") from e
-        if not isinstance(rec, dict):
-            raise InputError(f"{path}:{i + 1}: expected a JSON object")
-        target = rec.get("target_new", rec.get("target"))
-        if isinstance(target, dict):  # ROME's {"str": ...}
-            target = target.get("str")
-        missing = [
-            k
-            for k, v in (
-                ("prompt", rec.get("prompt")),
-                ("subject", rec.get("subject")),
-                ("target_new", target),
-            )
-            if not isinstance(v, str)
-        ]
-        if missing:
-            raise InputError(f"{path}:{i + 1}: missing string field(s) {missing}")
-        true = rec.get("target_true")
-        true = true.get("str") if isinstance(true, dict) else true
+            raise InputError(f"--requests {path}: line {i}: not JSON ({e.msg})") from None
+    return out
+
+
+def _simple(rec: object) -> bool:
+    return (
+        isinstance(rec, dict)
+        and {"prompt", "subject"} <= set(rec)
+        and ("target_new" in rec or "target" in rec)
+    )
+
+
+def _string(value: object) -> object:
+    """ROME's `{"str": ..., "id": ...}` targets as their string."""
+    return value.get("str") if isinstance(value, dict) else value
+
+
+def _request(rec: object) -> EditRequest:
+    if not isinstance(rec, dict):
+        raise InputError(f"expected a JSON object, got {type(rec).__name__}")
+    target = _string(rec.get("target_new", rec.get("target")))
+    fields = {"prompt": rec.get("prompt"), "subject": rec.get("subject"), "target_new": target}
+    missing = [k for k, v in fields.items() if not isinstance(v, str)]
+    if missing:
+        raise InputError(f"missing string field(s) {missing}")
+    true = _string(rec.get("target_true"))
+    if true is not None and not isinstance(true, str):
+        raise InputError("target_true must be a string")
+    return from_prompt(rec["prompt"], rec["subject"], target, target_true=true)
+
+
+def read_requests(path: str | Path, n: int | None = None) -> list[EditRequest]:
+    """The first `n` (all by default) requests of a requests file or a data-set file.
+
+    Records `{prompt, subject, target_new | target[, target_true]}` are read here, a bad one
+    named by its line (JSON lines) or index (JSON list); a file in a data-set format
+    (`jaxedit.eval.datasets.detect_format` knows its first record) goes to
+    `jaxedit.eval.datasets.load`, where `n` counts records.
+    """
+    path = Path(path)
+    if n is not None and n <= 0:
+        raise InputError(f"--n must be positive, got {n}")
+    if not path.is_file():
+        raise InputError(f"--requests {path}: file not found")
+    records = _records(path)
+    if not records:
+        raise InputError(f"--requests {path}: no requests")
+    first = records[0][1]
+    try:
+        fmt = datasets.detect_format(first)
+    except InputError as e:
+        if not _simple(first):
+            where = records[0][0]
+            raise InputError(
+                f"--requests {path}: {where}: not a request {{prompt, subject, target_new}} "
+                f"and not a known data set ({e})"
+            ) from None
+        fmt = None
+    if fmt is not None:  # a data set: its loader maps the fields (paraphrases etc. come along)
+        ds = datasets.load(path, format=fmt, n=n, skip_bad=True)
+        if ds.n_bad:
+            raise InputError(f"--requests {path}: {ds.bad[0]}")
+        return ds.requests
+    out = []
+    for where, rec in records[:n]:
         try:
-            out.append(from_prompt(rec["prompt"], rec["subject"], target, target_true=true))
+            out.append(_request(rec))
         except InputError as e:
-            raise InputError(f"{path}:{i + 1}: {e}") from e
-    if not out:
-        raise InputError(f"{path}: no requests")
+            raise InputError(f"--requests {path}: {where}: {e}") from None
     return out
 
 
 def _requests(args) -> list[EditRequest]:
     if args.requests:
-        if args.prompt or args.subject or args.target:
-            raise InputError("give either --requests FILE or --prompt/--subject/--target")
-        return read_requests(args.requests)
+        if args.prompt or args.subject or args.target is not None or args.target_true:
+            raise InputError("give either --requests FILE or --prompt/--subject/--target, not both")
+        return read_requests(args.requests, args.n)
+    if args.n is not None:
+        raise InputError("--n takes the first N records of --requests FILE; no file given")
     if not (args.prompt and args.subject and args.target is not None):
         raise InputError("--prompt, --subject and --target are required (or --requests FILE)")
     return [from_prompt(args.prompt, args.subject, args.target, target_true=args.target_true)]
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _predictions(lm: LanguageModel, shown: list[EditRequest], checks: list[str], k: int):
+    """Top-k for each shown rewrite prompt and check prompt, and p(target_new) of each shown
+    request (exp of the mean target-token log-prob, ROME's P(target); `score_targets`)."""
+    prompts = [r.rewrite_prompt for r in shown] + checks
+    top = [{"prompt": q, "top": top_k(lm, q, k)} for q in prompts]
+    scores = score_targets(lm, [r.rewrite_prompt for r in shown], [r.target_new for r in shown])
+    return top, [float(p) for p in scores.prob]
 
 
 def run(args) -> dict:
@@ -112,32 +215,48 @@ def run(args) -> dict:
     reqs = _requests(args)
     if args.top_k <= 0:
         raise InputError("--top-k must be positive")
+    if args.show < 0:
+        raise InputError("--show must be >= 0")
     if args.save and Path(args.save).exists() and any(Path(args.save).iterdir()):
         raise InputError(f"--save {args.save}: exists and is not empty")
     lm = load_model(args)
     method, hp = method_and_hparams(args, lm)
-    prompts = [r.rewrite_prompt for r in reqs] + list(args.check)
-    before = [{"prompt": q, "top": top_k(lm, q, args.top_k)} for q in prompts]
+    # Without --requests the one request is always shown (as before --show existed).
+    shown = reqs[: max(args.show, 0 if args.requests else 1)]
+    before, p_before = _predictions(lm, shown, list(args.check), args.top_k)
     t0 = time.perf_counter()
     state = method.prepare(lm, hp, cache_dir=args.cache_dir, progress=not args.json)
     t1 = time.perf_counter()
-    edit, info = method.compute(lm, state, reqs)
+    edit, info = method.compute(lm, state, reqs)  # all requests in one call
     edited = apply(lm, edit)
     t2 = time.perf_counter()
     if args.save and not isinstance(edit, WeightEdit):
         raise InputError(f"--save: {method.name} changes no weight; use --save-edit")
-    after = [{"prompt": q, "top": top_k(edited, q, args.top_k)} for q in prompts]
+    after, p_after = _predictions(edited, shown, list(args.check), args.top_k)
+    table = [
+        {
+            "prompt": r.rewrite_prompt,
+            "target_new": r.target_new,
+            "before": {"top1": b["top"][0]["token"], "p_top1": b["top"][0]["prob"], "p_target": pb},
+            "after": {"top1": a["top"][0]["token"], "p_top1": a["top"][0]["prob"], "p_target": pa},
+        }
+        for r, b, a, pb, pa in zip(shown, before, after, p_before, p_after, strict=False)
+    ]
     out = {
         "method": method.name,
         "model": lm.name,
         "request": _request_json(reqs[0]),
+        "n_requests": len(reqs),
         "before": before,
         "after": after,
+        "table": table,
         "edit": _edit_summary(edit),
         "seconds": {"prepare": round(t1 - t0, 3), "edit": round(t2 - t1, 3)},
         "hparams": hparams_json(hp),
         "info": info,
     }
+    if args.requests:
+        out["requests_file"] = str(args.requests)
     if len(reqs) > 1:
         out["requests"] = [_request_json(r) for r in reqs]
     if args.save_edit:
@@ -170,23 +289,63 @@ def _request_json(r: EditRequest) -> dict:
     }
 
 
+def _cut(s: str, n: int) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _table(rows: list[dict]) -> list[str]:
+    """One line per shown request: top-1 (its probability) and p(target_new), before → after."""
+    w = min(44, max(len(r["prompt"]) for r in rows))
+    head = lambda label: f"{label:<20}{'p(new)':>9}"
+    lines = [
+        f"  {'#':>3}  {'prompt':<{w}}  {'target_new':<14}  {head('before: top-1')}   "
+        f"{head('after: top-1')}"
+    ]
+    cell = lambda s: f"{_cut(repr(s['top1']), 15):<15} {s['p_top1']:.2f}  {s['p_target']:7.4f}"
+    for i, r in enumerate(rows):
+        lines.append(
+            f"  {i:>3}  {_cut(r['prompt'], w):<{w}}  {_cut(repr(r['target_new']), 14):<14}  "
+            f"{cell(r['before'])}   {cell(r['after'])}"
+        )
+    return lines
+
+
 def render(r: dict) -> str:
     fmt = lambda top: ", ".join(f"{t['token']!r} {t['prob']:.2f}" for t in top)
-    lines = [
-        f"{r['method']} edit of {r['model']}: {r['request']['subject']!r} -> "
-        f"{r['request']['target_new']!r}"
-    ]
-    for b, a in zip(r["before"], r["after"], strict=True):
+    n, s = r["n_requests"], r["seconds"]
+    if n > 1 or "requests_file" in r:
+        lines = [
+            f"{r['method']} edit of {r['model']}: {n} request(s) edited in one call, "
+            f"{s['edit']} s (preparation {s['prepare']} s)"
+        ]
+        if r["table"]:
+            lines.append(
+                f"  first {len(r['table'])} of {n}; p(new) = p(target_new), geometric mean over "
+                "its tokens"
+            )
+            lines += _table(r["table"])
+        checks = list(zip(r["before"], r["after"], strict=True))[len(r["table"]) :]
+    else:
+        req = r["request"]
+        lines = [f"{r['method']} edit of {r['model']}: {req['subject']!r} -> {req['target_new']!r}"]
+        checks = list(zip(r["before"], r["after"], strict=True))
+    for b, a in checks:
         lines.append(f"  {b['prompt']!r}")
         lines.append(f"      before: {fmt(b['top'])}")
         lines.append(f"      after:  {fmt(a['top'])}")
+    if n == 1 and "requests_file" not in r and r["table"]:
+        t = r["table"][0]
+        lines.append(
+            f"  p({t['target_new']!r}): {t['before']['p_target']:.4f} -> "
+            f"{t['after']['p_target']:.4f}"
+        )
     e = r["edit"]
     if e["kind"] == "weight" and e["weights"]:
         lines.append(f"  weights: {', '.join(e['weights'])}, |ΔW| = {e['norm']:.4g}")
     elif e["kind"] == "context":
         lines.append(f"  context: {len(e['facts'])} fact(s), {e['demonstrations']} demonstrations")
-    s = r["seconds"]
-    lines.append(f"  time: preparation {s['prepare']} s, edit {s['edit']} s")
+    if n == 1 and "requests_file" not in r:
+        lines.append(f"  time: preparation {s['prepare']} s, edit {s['edit']} s")
     for k in ("saved", "saved_edit"):
         if k in r:
             lines.append(f"  {k.replace('_', ' ')}: {r[k]}")
