@@ -29,16 +29,18 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from jaxtyping import Float
 
 from jaxedit.edits import WeightDelta, WeightEdit
 from jaxedit.errors import ConfigError, InputError
 from jaxedit.methods.base import EditMethod, PrepareOptions
-from jaxedit.methods.common import linalg, spread, target_opt, templates
+from jaxedit.methods.common import linalg, spread, target_cache, target_opt, templates
 from jaxedit.models.lm import LanguageModel
 from jaxedit.requests import EditRequest
-from jaxedit.stats import DEFAULT_N_TOKENS, layer_stats
+from jaxedit.stats import DEFAULT_N_TOKENS, default_cache_dir, layers_stats
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class SpreadHparams:
     template_top_k: int = 5
     kl_prompt: str = "{} is a"
     z_lanes: int = 16  # requests per vmapped z optimisation call
+    cache_z: bool = True  # keep each optimised z in the cache directory (reused when identical)
     seed: int = 0
 
     def __post_init__(self):
@@ -94,11 +97,6 @@ class SpreadHparams:
                 raise ConfigError(f"{name}: {e}") from e
 
     def target_settings(self) -> target_opt.TargetSettings:
-        extra = {}
-        if "stop_when_argmax" in {f.name for f in dataclasses.fields(target_opt.TargetSettings)}:
-            extra["stop_when_argmax"] = self.early_stop_argmax
-        elif self.early_stop_argmax:
-            raise ConfigError("early_stop_argmax needs the target optimiser's argmax stop")
         return target_opt.TargetSettings(
             steps=self.v_num_grad_steps,
             lr=self.v_lr,
@@ -106,7 +104,7 @@ class SpreadHparams:
             kl_factor=self.kl_factor,
             clamp_norm_factor=self.clamp_norm_factor,
             early_stop_loss=self.early_stop_loss,
-            **extra,
+            stop_when_argmax=self.early_stop_argmax,
         )
 
 
@@ -125,6 +123,8 @@ class SpreadState:
     groups: tuple[int, ...]
     C: dict[int, np.ndarray]  # E[k kᵀ] per layer, float64 [F F]
     stats: dict
+    z_cache: str | None = None  # directory of cached target values (`common.target_cache`)
+    progress: bool = False
 
 
 def check_layers(lm: LanguageModel, layers) -> None:
@@ -166,44 +166,56 @@ def make_state(
 
 
 def prepare_spread(lm: LanguageModel, hp: SpreadHparams, opts: PrepareOptions) -> SpreadState:
-    """C_l for every layer (from the statistics cache when valid) and the context templates."""
+    """C_l for every layer (one pass over the corpus for the layers not cached yet) and the
+    context templates; z's are cached under `<statistics cache>/z` unless `cache_z` is off."""
     check_layers(lm, hp.layers)
-    C, info = {}, {"tokens": None, "from_cache": []}
-    for layer in hp.layers:
-        st = layer_stats(
-            lm,
-            layer,
-            hp.mom2_corpus,
-            n_tokens=hp.mom2_n_tokens,
-            n_samples=hp.mom2_n_samples,
-            max_len=hp.mom2_max_len,
-            dtype=hp.mom2_dtype,
-            cache_dir=opts.cache_dir,
-            seed=hp.seed,
-            progress=opts.progress,
-        )
-        C[layer] = st.mom2
-        info["tokens"] = st.count
-        info["from_cache"].append(bool(st.meta.get("from_cache")))
-    return make_state(lm, hp, C, stats=info)
+    stats = layers_stats(
+        lm,
+        hp.layers,
+        hp.mom2_corpus,
+        n_tokens=hp.mom2_n_tokens,
+        n_samples=hp.mom2_n_samples,
+        max_len=hp.mom2_max_len,
+        dtype=hp.mom2_dtype,
+        cache_dir=opts.cache_dir,
+        seed=hp.seed,
+        progress=opts.progress,
+    )
+    info = {
+        "tokens": next(iter(stats.values())).count,
+        "from_cache": [bool(st.meta.get("from_cache")) for st in stats.values()],
+    }
+    state = make_state(lm, hp, {x: st.mom2 for x, st in stats.items()}, stats=info)
+    z_cache = None
+    if hp.cache_z:
+        z_cache = str(Path(opts.cache_dir or default_cache_dir()) / "z")
+    return dataclasses.replace(state, z_cache=z_cache, progress=opts.progress)
 
 
 def target_zs(
-    lm: LanguageModel, state: SpreadState, requests: list[EditRequest], progress: bool = False
-) -> tuple[np.ndarray, list[target_opt.TargetValue]]:
-    """Z [D N]: each request's target residual after the last layer (one vmapped call/chunk)."""
+    lm: LanguageModel, state: SpreadState, requests: list[EditRequest]
+) -> tuple[Float[np.ndarray, "D N"], list[target_opt.TargetValue]]:
+    """Z: each request's target residual after the last layer, `z_lanes` requests per vmapped
+    call, read from / written to the z cache when the state has one."""
     hp = state.hp
-    args = ("resid", hp.layers[-1])
-    kl = (hp.kl_prompt,)
-    if hasattr(target_opt, "target_values"):
-        tvs = target_opt.target_values(
-            lm, *args, requests, state.templates, hp.target_settings(), kl, lanes=hp.z_lanes
+    site, layer, kl, settings = "resid", hp.layers[-1], (hp.kl_prompt,), hp.target_settings()
+
+    def compute(reqs: list) -> list[target_opt.TargetValue]:
+        return target_opt.target_values(
+            lm,
+            site,
+            layer,
+            reqs,
+            state.templates,
+            settings,
+            kl,
+            lanes=hp.z_lanes,
+            progress=state.progress,
         )
-    else:  # until the batched optimiser lands
-        tvs = [
-            target_opt.target_value(lm, *args, r, state.templates, hp.target_settings(), kl)
-            for r in requests
-        ]
+
+    tvs, _ = target_cache.cached_target_values(
+        state.z_cache, compute, lm, site, layer, requests, state.templates, settings, kl
+    )
     return np.stack([tv.v_star for tv in tvs], axis=1), tvs
 
 
