@@ -123,6 +123,32 @@ class WeightEdit:
         sums = _summed(self.deltas, WeightDelta.matrix)
         return float(sum(np.linalg.norm(m) for m in sums.values()))
 
+    def consolidated(self) -> WeightEdit:
+        """The same change with one delta per (site, layer), in (site, layer) order.
+
+        The factors of a (site, layer) are concatenated (Σ_i L_i R_iᵀ = [L_1 … L_n] [R_1 …
+        R_n]ᵀ) while their total rank R keeps (I + O)·R below the I·O numbers of the dense sum;
+        otherwise (or when a dense delta is among them) the one delta is that fp32 sum. A long
+        sequence of edits (lifelong editing: MEMIT rounds of 100 requests give rank-100 factors
+        per layer and round) then stays at most one dense matrix per weight.
+        """
+        groups: dict[tuple[str, int], list[WeightDelta]] = {}
+        for d in self.deltas:
+            groups.setdefault((d.site, d.layer), []).append(d)
+        out = []
+        for (site, layer), ds in sorted(groups.items()):
+            (n_in, n_out), rank = ds[0].shape, 0
+            if all(d.dense is None for d in ds):
+                rank = sum(d.left.shape[1] for d in ds)
+            if rank and (n_in + n_out) * rank < n_in * n_out:
+                left = np.concatenate([np.asarray(d.left, np.float32) for d in ds], axis=1)
+                right = np.concatenate([np.asarray(d.right, np.float32) for d in ds], axis=1)
+                out.append(WeightDelta(site, layer, left, right))
+            else:
+                dense = _summed(ds, WeightDelta.matrix)[(site, layer)]
+                out.append(WeightDelta(site, layer, dense=dense))
+        return WeightEdit(tuple(out), dict(self.meta))
+
 
 def _summed(deltas: Iterable[WeightDelta], matrix: Callable[[WeightDelta], Any]) -> dict:
     """(site, layer) -> the sum of its deltas' matrices."""
