@@ -90,6 +90,7 @@ class Crash(Exception):
 
 
 def evaluate(lm, reqs, method=SCALE, **kw):
+    kw.setdefault("general", False)  # its own tests: tests/test_general.py, test_lifelong.py
     return runner.evaluate(lm, reqs, method, method.prepare(lm, method.hparams()), **kw)
 
 
@@ -142,8 +143,8 @@ def test_baseline_measured_directly(tiny):
 def test_sequential_weight_edits_add_up(tiny):
     ind = evaluate(tiny, REQS[:2], mode="independent")
     seq = evaluate(tiny, REQS[:2], mode="sequential", every=1)
-    first = seq["checkpoints"][0]
-    assert first["after"] == 1
+    first = seq["curve"][0]
+    assert (first["edits"], first["rounds"]) == (1, 1) and len(seq["curve"]) == 2
     case0 = ind["cases"][0]["metrics"]
     assert set(first["metrics"]) - {"score"} == set(case0)
     for name, value in case0.items():
@@ -248,8 +249,12 @@ def test_errors(tiny):
         evaluate(tiny, REQS, mode="parallel")
     with pytest.raises(InputError, match="no requests"):
         evaluate(tiny, [])
-    with pytest.raises(InputError, match="independent mode only"):
-        evaluate(tiny, REQS, mode="sequential", resume=True)
+    with pytest.raises(InputError, match="independent and sequential modes only"):
+        evaluate(tiny, REQS, mode="batch", resume=True)
+    with pytest.raises(InputError, match="--batch-size must be positive"):
+        evaluate(tiny, REQS, mode="sequential", batch_size=0)
+    with pytest.raises(InputError, match="--every needs --mode sequential"):
+        evaluate(tiny, REQS, every=2)
 
 
 def test_quick_table(tiny):
@@ -395,11 +400,21 @@ def test_cli_none_on_counterfact(cli_tiny, data_dir, tmp_path, capsys):
     assert res["method"] == "none" and res["n"] == 3 and res["hparams"] == {}
     assert res["metrics"]["efficacy_score"]["n"] == 3
     assert (out / "results.json").exists() and (out / "results.md").exists()
+    # the general block by default: `none` changes nothing; 200 other records of the file
+    g = res["general"]
+    assert g["edited"] == g["unedited"] and set(g["edited"]) == {
+        "wikitext_ppl",
+        "known_facts_acc",
+        "fluency",
+    }
+    assert res["general_setup"]["n_known_facts"] == 200
+    assert "| general (after the last edit) |" in (out / "results.md").read_text()
 
 
 def test_cli_method_through_the_protocol(cli_tiny, data_dir, tmp_path, capsys):
     """A method's settings come from its hparams dataclass (--set), recorded as JSON."""
     args = ["eval", "--data", cf(data_dir), "--n", "2", "--out", str(tmp_path), "--no-progress"]
+    args += ["--no-general"]
     assert cli.main([*args, "--method", "scale", "--set", "factor=2", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["method"] == "scale" and res["hparams"] == {"factor": 2.0}

@@ -94,11 +94,69 @@ def render(result: dict) -> str:
         head += f"\ngeneration: top-k {d['top_k']}, {d['max_out_len']} tokens, seed {d['seed']}"
     sec = result.get("seconds", {})
     pe = sec.get("per_edit") or {}
+    per = "round" if result.get("mode") == "sequential" else "case"
+    what = "edit" if per == "round" else "edit+eval"
     tail = (
-        f"edit+eval: median {pe.get('median') or 0:.2f} s/case, p90 {pe.get('p90') or 0:.2f} s, "
+        f"{what}: median {pe.get('median') or 0:.2f} s/{per}, p90 {pe.get('p90') or 0:.2f} s, "
         f"total {sec.get('total') or 0:.1f} s"
     )
-    return "\n".join([head, "", table(result), "", tail])
+    if result.get("rounds"):
+        b = result.get("batch_size")
+        each = f"up to {b} requests" if b else "one case"
+        head += f"\nlifelong: {result['rounds']} rounds of {each} each, measured on the final model"
+    parts = [head, "", table(result)]
+    if result.get("general"):
+        parts += ["", general_table(result["general"])]
+    if result.get("curve"):
+        parts += ["", curve_table(result["curve"])]
+    return "\n".join([*parts, "", tail])
+
+
+def general_table(general: dict) -> str:
+    """Markdown table of the general block: metric | unedited | edited | edited / unedited."""
+    post, base = general.get("edited") or {}, general.get("unedited") or {}
+    lines = [
+        f"| general ({general.get('model', 'edited')}) | unedited | edited | ratio |",
+        "|---|---|---|---|",
+    ]
+    for name in sorted(set(post) | set(base)):
+        a, b = base.get(name), post.get(name)
+        ratio = f"{b / a:.3f}" if a and b is not None else "—"
+        lines.append(f"| {name} | {_num(a)} | {_num(b)} | {ratio} |")
+    return "\n".join(lines)
+
+
+# Curve columns: these metrics where present, then the general block's.
+CURVE_METRICS = (
+    "efficacy_score",
+    "paraphrase_score",
+    "neighborhood_score",
+    "score",
+    "reliability",
+    "generalization",
+    "locality",
+)
+
+
+def curve_table(curve: Sequence[dict]) -> str:
+    """Markdown table of a lifelong curve: edits | rounds | main metrics | general | s."""
+    names = [n for n in CURVE_METRICS if any(n in p.get("metrics", {}) for p in curve)]
+    gen = sorted({k for p in curve for k in (p.get("general") or {})})
+    lines = [
+        "| edits | rounds | " + " | ".join(names + gen) + " | seconds |",
+        "|---" * (3 + len(names) + len(gen)) + "|",
+    ]
+    for p in curve:
+        cells = [_num((p["metrics"].get(n) or {}).get("mean")) for n in names]
+        cells += [_num((p.get("general") or {}).get(k)) for k in gen]
+        lines.append(
+            f"| {p['edits']} | {p['rounds']} | " + " | ".join(cells) + f" | {p['seconds']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
 
 
 def quick_lines(before: dict, after: dict, n_facts: int) -> str:

@@ -2,25 +2,37 @@
 
     result = evaluate(lm, requests, method, state, mode="independent", out="runs/rome")
 
-Every edit is `edit, info = method.compute(model, state, requests)` then `jaxedit.apply(model,
-edit)`; the edited model is measured as it is, a context edit included (scoring reads
-`lm.context_text()`). The unedited model is measured first (the baseline, one batched pass
-over every case, also what `known_only` reads), then one function per mode:
+The edited model is `jaxedit.apply(model, edit)` and is measured as it is, a context edit
+included (scoring reads `lm.context_text()`). The unedited model is measured first (the
+baseline, one batched pass over every case, also what `known_only` reads), then one function
+per mode:
 
-- `run_independent` (ROME / EasyEdit default): each case is edited from the original model and
-  measured; params are immutable, so "revert" is using the original `lm` again.
-- `run_sequential`: edits accumulate, `model <- apply(model, edit)`: weight edits add up and
-  context edits compose (`ContextEdit.compose`: one context with every fact so far). Every
-  `every` edits and after the last, all cases so far are measured on the accumulated model.
-- `run_batch`: `compute` on chunks of `batch_size` requests (MEMIT-style methods; a group of
-  requests, e.g. MQuAKE's rewrites of one case, is never split), each chunk measured on its
-  own edited model.
+- `run_independent` (ROME / EasyEdit default): `method.compute` per case (a group of requests,
+  e.g. MQuAKE's rewrites of one case, together) from the original model, measured, dropped;
+  params are immutable, so "revert" is using the original `lm` again.
+- `run_sequential` (lifelong editing): rounds of requests, `batch_size` per round (whole groups,
+  never split; default one group per round), each `edit, info, state = method.step(model,
+  state, round)` on the model every earlier round edited; the edits accumulate (weight edits
+  add up, context edits compose into one context). Every case is measured on the final model
+  after the last round (AlphaEdit's protocol); every `every` rounds a curve point measures all
+  cases edited so far, and the general block, on the model so far.
+- `run_batch` (MEMIT-style mass editing): `method.compute` (stateless) on chunks of
+  `batch_size` requests (whole groups), each chunk measured on its own edited model.
 
-An edit that changes nothing (the `none` method: an empty weight edit, no context) reuses the
-baseline's scores. Per-case results are appended to `DIR/cases.jsonl` as they are measured (a
-crash or Ctrl-C loses nothing; `resume=True` skips finished cases), then summarised into
-`DIR/results.json` and `DIR/results.md` (`jaxedit.eval.report`). Metric definitions:
-`jaxedit.eval.metrics`; what each request is scored on: `jaxedit.eval.measure`.
+Every run also measures general ability, unedited vs edited (`jaxedit.eval.general`:
+perplexity of a fixed text, accuracy on facts the run does not edit, fluency); the edited
+model is the final one (sequential) or the one after the last edit (independent, batch).
+
+Files, in `out`: per-case results appended to `cases.jsonl` as they are measured (a crash or
+Ctrl-C loses nothing; also `{"curve": point}` and, in independent mode, `{"general": the last
+edited model's block}` lines), then `results.json` and `results.md` (`jaxedit.eval.report`).
+`resume=True` continues a run: independent mode skips finished cases; sequential mode restarts
+from the checkpoint written after every round, `lifelong/progress.json` (rounds done, their case
+ids, infos, curve, seconds) naming `lifelong/round-NNNNNN/` (`edit.safetensors`: the
+accumulated edit, one delta per weight; `state`: `method.save_state`); a resumed run ends with
+the results of an uninterrupted one.
+Metric definitions: `jaxedit.eval.metrics`; what each request is scored on:
+`jaxedit.eval.measure`.
 """
 
 from __future__ import annotations
@@ -28,9 +40,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,11 +51,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxedit.edits import Edit, apply
-from jaxedit.errors import InputError
+from jaxedit.edits import Edit, WeightEdit, apply, load_edit, save_edit
+from jaxedit.errors import CheckpointError, InputError
 from jaxedit.eval import report
 from jaxedit.eval.datasets import group_cases
 from jaxedit.eval.datasets.snippets import AttributeSnippets
+from jaxedit.eval.general import GeneralSuite, measure_general
 from jaxedit.eval.generation import Decoding, generation_metrics
 from jaxedit.eval.measure import Scores, case_metrics, is_known, measure
 from jaxedit.eval.metrics import TfIdf
@@ -51,8 +65,8 @@ from jaxedit.models.lm import LanguageModel
 from jaxedit.requests import EditRequest
 
 MODES = ("independent", "sequential", "batch")
-
-EditFn = Callable[[LanguageModel, list[EditRequest]], tuple[Edit, dict]]
+LIFELONG_DIR = "lifelong"
+PROGRESS_FORMAT = "jaxedit-lifelong-progress"
 
 
 # ----------------------------------------------------------------------------- case log
@@ -65,6 +79,7 @@ class CaseLog:
     def __init__(self, out: str | Path | None, header: dict, *, resume: bool):
         self.dir = None if out is None else Path(out)
         self.done: dict[str, dict] = {}
+        self.general: dict | None = None  # a finished independent run's general block
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -78,12 +93,15 @@ class CaseLog:
                     raise InputError(f"--resume: {self.dir} holds a different run ({diff})")
             intact = _read_rows(self.cases)
             self.done = {str(row["case_id"]): row for row in intact if "case_id" in row}
+            self.general = next((r["general"] for r in intact if "general" in r), None)
             # Drop a line cut by the crash before appending: rows written after it would be
             # glued to it and lost to the next resume.
-            self._rewrite(intact)
-        elif self.cases.exists():
-            self.cases.unlink()
-        run_path.write_text(json.dumps(header, indent=2))
+            self.rewrite(intact)
+        else:
+            if self.cases.exists():
+                self.cases.unlink()
+            shutil.rmtree(self.dir / LIFELONG_DIR, ignore_errors=True)  # a fresh run
+        _write_atomic(run_path, json.dumps(header, indent=2))
 
     def append(self, row: dict) -> None:
         if self.dir is None:
@@ -97,13 +115,16 @@ class CaseLog:
         if self.dir is None:
             return
         text = json.dumps(result, indent=1, default=report.json_default)
-        (self.dir / "results.json").write_text(text)
-        (self.dir / "results.md").write_text(report.render(result) + "\n")
+        _write_atomic(self.dir / "results.json", text)
+        _write_atomic(self.dir / "results.md", report.render(result) + "\n")
 
-    def _rewrite(self, rows: list[dict]) -> None:
-        tmp = self.cases.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, default=report.json_default) + "\n" for r in rows))
-        os.replace(tmp, self.cases)
+    def rewrite(self, rows: list[dict]) -> None:
+        """cases.jsonl holds exactly `rows` (atomically)."""
+        if self.dir is None:
+            return
+        _write_atomic(
+            self.cases, "".join(json.dumps(r, default=report.json_default) + "\n" for r in rows)
+        )
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -115,6 +136,15 @@ def _read_rows(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 break  # a line cut by a crash: everything before it is intact
     return rows
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -140,20 +170,28 @@ class Generation:
 
 @dataclass
 class _Run:
-    """What every mode shares: the unedited model and its scores, the edit function, the log."""
+    """What every mode shares: the unedited model and its scores, the method, the log."""
 
     lm: LanguageModel
-    edit_fn: EditFn
+    method: EditMethod
+    state: Any
     baseline: dict[int, Scores]  # by id(request)
     log: CaseLog
     generation: Generation | None
+    general: GeneralSuite | None
     bar: Any
+    resume: bool = False
+    t_start: float = field(default_factory=time.time)
     rows: list[dict] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     base_generation: dict[int, tuple[dict, list[str]]] = field(default_factory=dict)
+    base_general: dict | None = None
+    last_general: dict | None = None  # the general block of the model after the last edit
+    general_seconds: float = 0.0  # spent measuring edited models' general blocks
 
     def edit(self, lm: LanguageModel, reqs: list[EditRequest]) -> tuple[LanguageModel, dict]:
-        edit, info = self.edit_fn(lm, reqs)
+        """`method.compute` (stateless) applied to `lm`."""
+        edit, info = self.method.compute(lm, self.state, reqs)
         edited = apply(lm, edit)
         jax.block_until_ready(edited.params)
         return edited, info
@@ -166,6 +204,17 @@ class _Run:
         if self.unchanged(edited):
             return [self.baseline[id(r)] for r in reqs]
         return measure(edited, reqs)
+
+    def general_of(self, edited: LanguageModel) -> dict | None:
+        """The general block's metrics of `edited` (None when the run measures none)."""
+        if self.general is None:
+            return None
+        if self.unchanged(edited) and self.base_general is not None:
+            return self.base_general
+        t0 = time.time()
+        out = measure_general(edited, self.general)
+        self.general_seconds += time.time() - t0
+        return out
 
     def record(self, reqs, posts, secs: float | None, edited: LanguageModel, info: dict) -> None:
         """Per-case metrics (edited and unedited) into the rows and the log."""
@@ -191,6 +240,14 @@ class _Run:
             self.rows.append(row)
             self.log.append(row)
 
+    def summary(self, edited: LanguageModel, reqs: list[EditRequest]) -> dict:
+        """The summary metrics of `reqs` measured on `edited` (a curve point)."""
+        posts = self.scores(edited, reqs)
+        per_case = [
+            case_metrics(r, p, self.baseline[id(r)]) for r, p in zip(reqs, posts, strict=True)
+        ]
+        return report.summarize(per_case)
+
     def _base_generation(self, r: EditRequest) -> tuple[dict, list[str]]:
         if id(r) not in self.base_generation:
             self.base_generation[id(r)] = self.generation.measure(self.lm, r)
@@ -201,8 +258,8 @@ class _Run:
 
 
 def run_independent(run: _Run, groups: list[list[EditRequest]]) -> None:
-    """Each group edited from the original model, measured, dropped."""
-    for g in groups:
+    """Each group edited from the original model (`method.compute`), measured, dropped."""
+    for k, g in enumerate(groups):
         done = [run.log.done.get(str(r.case_id)) for r in g]
         if all(done):
             run.rows.extend(done)
@@ -215,39 +272,20 @@ def run_independent(run: _Run, groups: list[list[EditRequest]]) -> None:
         secs = time.time() - t0
         run.seconds.append(secs)
         run.record(g, posts, secs, edited, info)
+        if k == len(groups) - 1 and run.general is not None:
+            run.last_general = run.general_of(edited)
+            run.log.append({"general": run.last_general})
         run.bar.update(1)
-
-
-def run_sequential(run: _Run, groups: list[list[EditRequest]], every: int | None) -> list[dict]:
-    """Edits accumulate on one model; returns the checkpoints measured every `every` edits."""
-    cur, infos, checkpoints = run.lm, [], []
-    for k, g in enumerate(groups):
-        t0 = time.time()
-        cur, info = run.edit(cur, g)
-        run.seconds.append(time.time() - t0)
-        infos.append(info)
-        if every and (k + 1) % every == 0 and k + 1 < len(groups):
-            so_far = [r for gg in groups[: k + 1] for r in gg]
-            posts = run.scores(cur, so_far)
-            per_case = [
-                case_metrics(r, p, run.baseline[id(r)]) for r, p in zip(so_far, posts, strict=True)
-            ]
-            checkpoints.append({"after": k + 1, "metrics": report.summarize(per_case)})
-            run.log.append({"checkpoint": k + 1, "metrics": checkpoints[-1]["metrics"]})
-        run.bar.update(1)
-    posts = run.scores(cur, [r for g in groups for r in g])
-    i = 0
-    for g, info in zip(groups, infos, strict=True):
-        run.record(g, posts[i : i + len(g)], None, cur, info)
-        i += len(g)
-    return checkpoints
+    if run.general is not None and run.last_general is None:
+        run.last_general = run.log.general  # measured by the run this one resumes
+        if run.last_general is None:  # (it stopped before): the last case's edit again
+            run.last_general = run.general_of(run.edit(run.lm, groups[-1])[0])
 
 
 def run_batch(run: _Run, groups: list[list[EditRequest]], batch_size: int | None) -> None:
-    """One edit per chunk of about `batch_size` requests (whole groups), measured on its own."""
+    """One `method.compute` (stateless) per chunk of about `batch_size` requests (whole
+    groups) from the original model, measured on its own."""
     size = batch_size or sum(map(len, groups))
-    if size <= 0:
-        raise InputError("--batch-size must be positive")
     for chunk in _chunks(groups, size):
         t0 = time.time()
         edited, info = run.edit(run.lm, chunk)
@@ -256,6 +294,7 @@ def run_batch(run: _Run, groups: list[list[EditRequest]], batch_size: int | None
         run.seconds.extend([secs] * len(chunk))
         run.record(chunk, posts, secs, edited, info)
         run.bar.update(len(chunk))
+    run.last_general = run.general_of(edited)
 
 
 def _chunks(groups: list[list[EditRequest]], size: int):
@@ -268,6 +307,163 @@ def _chunks(groups: list[list[EditRequest]], size: int):
         chunk = chunk + g
     if chunk:
         yield chunk
+
+
+def rounds_of(groups: list[list[EditRequest]], batch_size: int | None) -> list[list[EditRequest]]:
+    """The rounds of a sequential run: `batch_size` requests each (whole groups), or one group
+    per round."""
+    return list(_chunks(groups, batch_size)) if batch_size else [list(g) for g in groups]
+
+
+def run_sequential(
+    run: _Run, groups: list[list[EditRequest]], every: int | None, batch_size: int | None
+) -> dict:
+    """Rounds of `method.step` on the accumulated model; every case measured on the final one.
+
+    Returns {"curve": points every `every` rounds and after the last, "round_seconds",
+    "rounds", "before": seconds spent by the runs this one resumes}.
+    """
+    rounds = rounds_of(groups, batch_size)
+    ckpt = _Checkpoints(run.log.dir, run.method)
+    p = ckpt.resume(run, rounds) if run.resume else None
+    state = run.state if p is None else p.state
+    acc, done = (None, 0) if p is None else (p.edit, p.rounds_done)
+    infos, curve = ([], []) if p is None else (p.infos, p.curve)
+    round_secs, before = ([], 0.0) if p is None else (p.round_seconds, p.seconds)
+    run.log.rewrite([{"curve": c} for c in curve])  # cases are measured after the last round
+    cur = run.lm if acc is None else apply(run.lm, acc)
+    elapsed = lambda: before + time.time() - run.t_start
+    run.bar.update(done)
+    for k in range(done, len(rounds)):
+        t0 = time.time()
+        edit, info, state = run.method.step(cur, state, rounds[k])
+        acc = _accumulate(acc, edit)
+        # The accumulated edit on the unedited model (one rounding per weight, not one per
+        # round): a resumed run, which starts from the saved edit, gets the same model.
+        cur = apply(run.lm, acc)
+        jax.block_until_ready(cur.params)
+        round_secs.append(time.time() - t0)
+        infos.append(info)
+        if every and (k + 1) % every == 0 and k + 1 < len(rounds):
+            curve.append(_point(run, cur, rounds[: k + 1], elapsed()))
+            run.log.append({"curve": curve[-1]})
+        ckpt.save(k + 1, rounds[: k + 1], acc, state, infos, curve, round_secs, elapsed())
+        run.bar.update(1)
+    flat = [r for rr in rounds for r in rr]
+    posts = run.scores(cur, flat)
+    i = 0
+    for reqs, info in zip(rounds, infos, strict=True):
+        run.record(reqs, posts[i : i + len(reqs)], None, cur, info)
+        i += len(reqs)
+    run.last_general = run.general_of(cur)
+    if every:  # the last point: the final scores (without generation metrics, as the others)
+        per_case = [
+            case_metrics(r, q, run.baseline[id(r)]) for r, q in zip(flat, posts, strict=True)
+        ]
+        point = {"edits": len(flat), "rounds": len(rounds), "metrics": report.summarize(per_case)}
+        curve.append(point | {"general": run.last_general, "seconds": elapsed()})
+        run.log.append({"curve": curve[-1]})
+    run.seconds.extend(round_secs)
+    return {"curve": curve, "round_seconds": round_secs, "rounds": len(rounds), "before": before}
+
+
+def _point(run: _Run, cur: LanguageModel, done: list[list[EditRequest]], seconds: float) -> dict:
+    reqs = [r for rr in done for r in rr]
+    return {
+        "edits": len(reqs),
+        "rounds": len(done),
+        "metrics": run.summary(cur, reqs),
+        "general": run.general_of(cur),
+        "seconds": seconds,
+    }
+
+
+def _accumulate(acc: Edit | None, edit: Edit) -> Edit:
+    """All rounds so far as one edit (a weight edit: one delta per (site, layer))."""
+    total = edit if acc is None else acc.compose(edit)
+    return total.consolidated() if isinstance(total, WeightEdit) else total
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class _Progress:
+    rounds_done: int
+    edit: Edit | None
+    state: Any
+    infos: list[dict]
+    curve: list[dict]
+    round_seconds: list[float]
+    seconds: float
+
+
+class _Checkpoints:
+    """`DIR/lifelong/progress.json` names the last complete `round-NNNNNN/` directory (the
+    accumulated edit and the method's state after that round); written after every round: the
+    directory first (under a temporary name, then renamed), progress.json last (tmp +
+    os.replace), older rounds removed. A crash at any point leaves the previous checkpoint."""
+
+    def __init__(self, out: Path | None, method: EditMethod):
+        self.root = None if out is None else out / LIFELONG_DIR
+        self.method = method
+
+    def save(self, n: int, done, acc, state, infos, curve, round_secs, seconds: float) -> None:
+        if self.root is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = f"round-{n:06d}"
+        tmp, final = self.root / f".{name}.tmp", self.root / name
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_edit(acc, tmp / "edit.safetensors")
+        self.method.save_state(state, tmp / "state")
+        shutil.rmtree(final, ignore_errors=True)  # left by a crash before progress.json moved
+        os.replace(tmp, final)
+        progress = {
+            "format": PROGRESS_FORMAT,
+            "version": 1,
+            "rounds_done": n,
+            "checkpoint": name,
+            "round_case_ids": [[r.case_id for r in rr] for rr in done],
+            "infos": infos,
+            "curve": curve,
+            "round_seconds": round_secs,
+            "seconds": seconds,
+        }
+        _write_atomic(
+            self.root / "progress.json", json.dumps(progress, default=report.json_default)
+        )
+        for old in self.root.glob("round-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self, run: _Run, rounds: list[list[EditRequest]]) -> _Progress | None:
+        """The saved progress of this run (None: nothing saved yet), checked against it."""
+        if self.root is None:
+            raise InputError("--resume needs the output directory of the run")
+        path = self.root / "progress.json"
+        if not path.exists():
+            return None
+        try:
+            p = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: unreadable ({e})") from e
+        if p.get("format") != PROGRESS_FORMAT or p.get("version") != 1:
+            raise CheckpointError(f"{path}: not a lifelong progress file of version 1")
+        n = int(p["rounds_done"])
+        want = [[r.case_id for r in rr] for rr in rounds[:n]]
+        if n > len(rounds) or report.as_jsonable(want) != p["round_case_ids"]:
+            raise InputError(
+                f"--resume: the {n} rounds saved in {self.root} are not this run's first "
+                "rounds (other data, order or --batch-size)"
+            )
+        d = self.root / p["checkpoint"]
+        edit = load_edit(d / "edit.safetensors")
+        state = self.method.load_state(run.state, d / "state")
+        return _Progress(
+            n, edit, state, p["infos"], p["curve"], p["round_seconds"], float(p["seconds"])
+        )
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -288,6 +484,7 @@ def evaluate(
     progress: bool = False,
     generation: Decoding | None = None,
     snippets: AttributeSnippets | None = None,
+    general: GeneralSuite | bool = True,
     info: dict | None = None,
 ) -> dict:
     """Run an evaluation; returns the results dict (also written to `out` when given).
@@ -296,17 +493,31 @@ def evaluate(
         lm: the unedited model (never modified: every edit starts from it in independent mode).
         requests: edit requests; requests sharing `extra["group"]` are edited together.
         method, state: an `EditMethod` and what its `prepare` returned.
+        mode: "independent", "sequential" (lifelong) or "batch" (see the module docstring).
         known_only: keep only cases whose rewrite prompt the unedited model completes with
             target_true rather than target_new (lower mean token NLL); the rest are dropped
             and counted in `n_dropped`.
-        every: sequential mode: also measure all edits so far every `every` edits.
-        batch_size: batch mode: requests per edit call (default: all).
+        every: sequential mode: a curve point every `every` rounds (and after the last).
+        batch_size: sequential mode: requests per round (default one group); batch mode:
+            requests per edit call (default all).
+        resume: continue the run in `out` (independent and sequential modes).
         generation: also measure fluency (and consistency with `snippets`) with this decoding.
         snippets: attribute snippets, the consistency references (`datasets.snippets`).
+        general: what the general block measures (`jaxedit.eval.general.GeneralSuite`);
+            True: the default suite (the shipped WikiText-2 slice and fluency prompts, no
+            known facts: pass a suite with facts for `known_facts_acc`); False: no block.
         info: extra JSON-able fields for results.json (data path, hparams, seed, ...); a
             resumed run must match them.
+    Returns:
+        {run header..., "n_dropped", "metrics", "baseline" (summaries: {name: {mean, std,
+        n}}), "general": {"edited", "unedited", "model", "seconds"} or None (what it
+        measured on: "general_setup"),
+        "curve" (sequential with `every`: [{"edits", "rounds", "metrics", "general",
+        "seconds"}]), "seconds": {"per_edit": {median, p90}, "per_round", "total"},
+        "cases": per-case rows}.
     """
-    _check(mode, requests, resume, generation, snippets)
+    suite = GeneralSuite.default() if general is True else (general or None)
+    _check(mode, requests, resume, generation, snippets, every, batch_size)
     t_start = time.time()
     groups = group_cases(list(requests))
     flat = [r for g in groups for r in g]
@@ -324,28 +535,43 @@ def evaluate(
             "mode": mode,
             "n": len(groups),
             "known_only": known_only,
+            **({"batch_size": batch_size} if mode != "independent" else {}),
+            **({"every": every} if mode == "sequential" else {}),
             "decoding": None if generation is None else dataclasses.asdict(generation),
             "snippets": None if snippets is None else snippets.path,
+            "general_setup": None if suite is None else suite.setup(),
             **(info or {}),
         }
     )
     log = CaseLog(out, header, resume=resume)
     gen = None if generation is None else Generation(generation, snippets)
-    bar = _progress(
-        len(groups) if mode != "batch" else len(flat), progress, f"{method.name} {mode}"
-    )
-    edit_fn = lambda model, reqs: method.compute(model, state, reqs)
-    run = _Run(lm, edit_fn, baseline, log, gen, bar)
-    checkpoints: list[dict] = []
+    if mode == "sequential":
+        total, unit = len(rounds_of(groups, batch_size)), "round"
+    else:
+        total, unit = (len(groups), "case") if mode == "independent" else (len(flat), "request")
+    bar = _progress(total, progress, f"{method.name} {mode}", unit)
+    run = _Run(lm, method, state, baseline, log, gen, suite, bar, resume, t_start)
+    t0 = time.time()
+    run.base_general = None if suite is None else measure_general(lm, suite)
+    t_general = time.time() - t0
+    seq: dict = {}
     try:
         if mode == "independent":
             run_independent(run, groups)
         elif mode == "sequential":
-            checkpoints = run_sequential(run, groups, every)
+            seq = run_sequential(run, groups, every, batch_size)
         else:
             run_batch(run, groups, batch_size)
     finally:
         bar.close()
+    general_block = None
+    if suite is not None:
+        general_block = {
+            "edited": run.last_general,
+            "unedited": run.base_general,
+            "model": "final" if mode == "sequential" else "after the last edit",
+            "seconds": t_general + run.general_seconds,
+        }
     result = {
         **header,
         "data": header.get("data", ""),
@@ -353,21 +579,36 @@ def evaluate(
         "n_dropped": n_dropped,
         "metrics": report.summarize([r["metrics"] for r in run.rows]),
         "baseline": report.summarize([r["baseline"] for r in run.rows]),
-        "seconds": {"per_edit": _spread(run.seconds), "total": time.time() - t_start},
-        "checkpoints": checkpoints,
+        "general": general_block,
+        "seconds": {
+            "per_edit": _spread(run.seconds),
+            "total": seq.get("before", 0.0) + time.time() - t_start,
+        },
         "cases": run.rows,
     }
+    if mode == "sequential":
+        result["rounds"] = seq["rounds"]
+        result["curve"] = seq["curve"]
+        result["seconds"]["per_round"] = seq["round_seconds"]
     log.write_results(result)
     return result
 
 
-def _check(mode, requests, resume, generation, snippets) -> None:
+def _check(mode, requests, resume, generation, snippets, every, batch_size) -> None:
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     if not requests:
         raise InputError("no requests to evaluate")
-    if resume and mode != "independent":
-        raise InputError("--resume works in independent mode only")
+    if resume and mode == "batch":
+        raise InputError("--resume works in independent and sequential modes only")
+    if batch_size is not None and batch_size <= 0:
+        raise InputError(f"--batch-size must be positive, got {batch_size}")
+    if every is not None and every <= 0:
+        raise InputError(f"--every must be positive, got {every}")
+    if batch_size is not None and mode == "independent":
+        raise InputError("--batch-size needs --mode sequential (rounds) or batch (chunks)")
+    if every is not None and mode != "sequential":
+        raise InputError("--every needs --mode sequential")
     if snippets is not None:
         if generation is None:
             raise InputError("--snippets are the references of generated texts: add --generation")
@@ -384,10 +625,10 @@ def _spread(secs: list[float]) -> dict:
     return {"median": float(np.median(secs)), "p90": float(np.percentile(secs, 90))}
 
 
-def _progress(total: int, enabled: bool, desc: str):
+def _progress(total: int, enabled: bool, desc: str, unit: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="case", file=sys.stderr, disable=not enabled)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled)
 
 
 # ----------------------------------------------------------------------------- demo helper

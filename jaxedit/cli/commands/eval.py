@@ -2,6 +2,8 @@
 
     jaxedit eval --method rome --data counterfact-edit.json --n 50 --known-only --out runs/rome
     jaxedit eval --method ike --set demos=pool.json --data DATA --mode sequential --every 10
+    jaxedit eval --method alphaedit --data DATA --n 2000 --mode sequential --batch-size 100 \
+        --every 5 --out runs/alphaedit   # lifelong: 20 rounds of 100; --resume continues it
 
 The method runs through the protocol only (`jaxedit.methods`: hparams -> prepare -> compute ->
 `jaxedit.apply`); its settings come from its hparams dataclass (`--hparams PRESET|FILE`,
@@ -9,6 +11,14 @@ The method runs through the protocol only (`jaxedit.methods`: hparams -> prepare
 decoding by default: top-k 5 sampling, 100 tokens, seeded by `--seed`); with `--snippets
 attribute_snippets.json` (ROME's file) also consistency, on data that carries relation and
 target ids (ROME-form CounterFact, MQuAKE).
+
+Modes: `independent` (each case edited from the unedited model), `sequential` (lifelong: rounds
+of `--batch-size` requests through `method.step`, accumulated; every case measured on the final
+model; `--every K` rounds a curve point; resumable with `--resume` from the checkpoint written
+after every round) and `batch` (`method.compute` per chunk of `--batch-size` requests, each
+chunk from the unedited model, stateless). Every run measures general ability, unedited vs
+edited (`jaxedit.eval.general`: WikiText-2 perplexity, accuracy on 200 records of the data
+file that the run does not edit, fluency); `--no-general` skips it.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from pathlib import Path
 from jaxedit.cli.method_args import add_method_arguments, hparams_json, method_and_hparams
 from jaxedit.cli.shared import load_model
 from jaxedit.errors import InputError
-from jaxedit.eval import datasets, report, runner
+from jaxedit.eval import datasets, general, report, runner
 from jaxedit.eval.datasets.snippets import load_snippets
 from jaxedit.eval.generation import DECODINGS, DEFAULT_DECODING, Decoding
 
@@ -42,11 +52,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records")
     p.add_argument("--known-only", action="store_true", help="keep facts the model knows")
-    p.add_argument("--mode", default="independent", choices=runner.MODES)
-    p.add_argument("--every", type=int, default=None, help="sequential: measure every N edits")
-    p.add_argument("--batch-size", type=int, default=None, help="batch mode: requests per edit")
+    p.add_argument(
+        "--mode",
+        default="independent",
+        choices=runner.MODES,
+        help="independent: each case edited from the unedited model; sequential (lifelong): "
+        "rounds accumulate through method.step, every case measured on the final model; batch: "
+        "one stateless method.compute per chunk of --batch-size requests, each measured alone",
+    )
+    p.add_argument(
+        "--every",
+        type=int,
+        default=None,
+        help="sequential: a curve point (all cases so far + general) every K rounds",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequential: requests per round (default one case); batch: requests per "
+        "method.compute call (default all); groups (MQuAKE cases) are never split",
+    )
     p.add_argument("--out", default=None, help="output directory (default: runs/eval/METHOD-DATA)")
-    p.add_argument("--resume", action="store_true", help="skip cases already in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out (independent: skip finished cases; sequential: from "
+        "the last round's checkpoint)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of --sample and of generation")
     g = p.add_argument_group("generation metrics")
     g.add_argument("--generation", action="store_true", help="also fluency (and consistency)")
@@ -63,6 +96,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--snippets",
         default=None,
         help="ROME attribute_snippets.json: consistency references (needs --generation)",
+    )
+    k = p.add_argument_group("general ability (edited vs unedited; jaxedit.eval.general)")
+    k.add_argument("--no-general", action="store_true", help="skip the general block")
+    k.add_argument(
+        "--ppl-corpus",
+        default=None,
+        help="text file for perplexity (default: the shipped WikiText-2 test slice)",
+    )
+    k.add_argument(
+        "--ppl-tokens",
+        type=int,
+        default=general.PPL_TOKENS,
+        help=f"perplexity on the first N tokens of the text (default {general.PPL_TOKENS})",
+    )
+    k.add_argument(
+        "--known-facts",
+        default=None,
+        help="facts to keep: a known_1000-style file (prompt, attribute) or an editing data "
+        "set (default: records of --data that the run does not edit)",
+    )
+    k.add_argument(
+        "--n-known-facts",
+        type=int,
+        default=general.N_KNOWN_FACTS,
+        help=f"known facts measured (seeded sample; default {general.N_KNOWN_FACTS})",
     )
     p.add_argument("--no-progress", action="store_true")
 
@@ -95,8 +153,31 @@ def _decoding(args) -> Decoding | None:
     return d
 
 
+def _general(args, ds: datasets.Dataset) -> general.GeneralSuite | None:
+    """The general block's suite: the text, the known facts (default: records of the data
+    file that this run does not edit), the fluency prompts."""
+    if args.no_general:
+        if args.ppl_corpus or args.known_facts:
+            raise InputError("--ppl-corpus / --known-facts set what --no-general skips")
+        return None
+    if args.n_known_facts <= 0 or args.ppl_tokens < 2:
+        raise InputError("--n-known-facts must be positive and --ppl-tokens at least 2")
+    n = args.n_known_facts
+    if args.known_facts:
+        facts, source = general.load_known_facts(args.known_facts, n=n), args.known_facts
+    else:
+        every = datasets.load(args.data, format=ds.format, skip_bad=True).requests
+        facts = general.facts_from_requests(every, ds.requests, n=n)
+        source = f"{ds.path} (records not edited, seed {general.KNOWN_FACTS_SEED})"
+    kw = {"facts": tuple(facts), "facts_source": source, "max_tokens": args.ppl_tokens}
+    if args.ppl_corpus:
+        return general.GeneralSuite.from_file(args.ppl_corpus, **kw)
+    return general.GeneralSuite.default(**kw)
+
+
 def run(args) -> dict:
     ds = _select(args)
+    suite = _general(args, ds)
     decoding = _decoding(args)
     snippets = load_snippets(args.snippets) if args.snippets else None
     lm = load_model(args)
@@ -117,6 +198,7 @@ def run(args) -> dict:
         progress=not args.no_progress,
         generation=decoding,
         snippets=snippets,
+        general=suite or False,
         info={
             "data": ds.path,
             "format": ds.format,
