@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from conftest import tiny_llama_config
 
 from jaxedit import cli, methods
 from jaxedit.cli.commands import eval as eval_cmd
@@ -21,7 +22,7 @@ from jaxedit.eval import datasets, general, runner
 from jaxedit.eval.general import GeneralSuite
 from jaxedit.eval.measure import case_metrics, measure
 from jaxedit.locate import facts
-from jaxedit.methods import rome
+from jaxedit.methods import alphaedit, memit, rome
 from jaxedit.methods.base import EditMethod
 from jaxedit.models.lm import LanguageModel
 from jaxedit.models.sites import get_weight
@@ -132,7 +133,7 @@ def evaluate(lm, reqs, method=COUNTER, state=None, **kw):
 def without_seconds(obj):
     """`obj` with every timing removed (they differ between runs)."""
     if isinstance(obj, dict):
-        return {k: without_seconds(v) for k, v in obj.items() if "seconds" not in k}
+        return {k: without_seconds(v) for k, v in obj.items() if "seconds" not in str(k)}
     if isinstance(obj, list):
         return [without_seconds(v) for v in obj]
     return obj
@@ -256,6 +257,23 @@ def test_general_block_edited_vs_unedited(tiny, tmp_path):
     assert batch["general"]["edited"] == pytest.approx(general.measure_general(last, SMALL))
 
 
+def test_independent_resume_keeps_the_general_block(tiny, tmp_path):
+    """A finished independent run resumed reads the last edited model's block from the log;
+    without that line (a crash before it) the last case is edited again to measure it."""
+    kw = dict(general=SMALL, out=tmp_path)
+    state = COUNTER.prepare(tiny, CountHparams())
+    whole = runner.evaluate(tiny, REQS[:3], COUNTER, state, **kw)
+    seen: list = []
+    again = runner.evaluate(tiny, REQS[:3], spying(COUNTER, seen), state, resume=True, **kw)
+    assert seen == [] and without_seconds(again) == without_seconds(whole)
+    rows = (tmp_path / "cases.jsonl").read_text().splitlines()
+    assert json.loads(rows[-1]) == {"general": whole["general"]["edited"]}
+    (tmp_path / "cases.jsonl").write_text("\n".join(rows[:-1]) + "\n")
+    third = runner.evaluate(tiny, REQS[:3], spying(COUNTER, seen), state, resume=True, **kw)
+    assert [ids for _, _, ids in seen] == [[REQS[2].case_id]]
+    assert third["general"]["edited"] == pytest.approx(whole["general"]["edited"])
+
+
 def test_batch_mode_is_stateless_compute(tiny):
     """Batch mode never calls `step` (each chunk from the unedited model, the fresh state)."""
     seen: list = []
@@ -341,6 +359,33 @@ def test_rome_resume_equals_uninterrupted(tiny, tmp_path):
     assert all(moved)
     (d,) = load_edit(tmp_path / "b" / "lifelong" / "round-000002" / "edit.safetensors").deltas
     assert d.left.shape[1] == 4  # four rank-one edits kept as factors
+
+
+def test_alphaedit_resume_equals_uninterrupted(smollm, tmp_path):
+    """The lifelong method the protocol is for: AlphaEdit's state (accumulated K_pK_pᵀ, round
+    count) saved after every round, restored on --resume."""
+    cfg = tiny_llama_config(smollm.config.vocab_size)
+    lm = LanguageModel("tiny3", cfg, init_params(cfg, 0), smollm.tokenizer)
+    rng = np.random.default_rng(0)
+    C = {}
+    for layer in range(3):  # a spectrum 1e-4 .. 1: some directions under the threshold
+        Q, _ = np.linalg.qr(rng.standard_normal((48, 48)))
+        C[layer] = (Q * np.logspace(-4, 0, 48)) @ Q.T
+    hp = alphaedit.AlphaEditHparams(
+        layers=(1, 2), v_num_grad_steps=4, context_templates=("{}", "A. {}"), z_lanes=2,
+        nullspace_threshold=1e-2, L2=1.0, cache_z=False,
+    )  # fmt: skip
+    m, state = methods.get("alphaedit"), alphaedit.make_state(lm, memit.make_state(lm, hp, C))
+    reqs = REQS[:4]
+    whole = evaluate(lm, reqs, m, state, batch_size=2, every=1, out=tmp_path / "a")
+    seen: list = []
+    with pytest.raises(Crash):
+        evaluate(lm, reqs, spying(m, seen, 2), state, batch_size=2, out=tmp_path / "b", every=1)
+    res = evaluate(lm, reqs, m, state, batch_size=2, every=1, out=tmp_path / "b", resume=True)
+    assert without_seconds(res) == without_seconds(whole)
+    assert [c["edit"]["round"] for c in res["cases"]] == [1, 1, 2, 2]
+    assert any(c["metrics"]["efficacy_magnitude"] != c["baseline"]["efficacy_magnitude"]
+               for c in res["cases"])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -218,6 +218,7 @@ class _Run:
 
     def record(self, reqs, posts, secs: float | None, edited: LanguageModel, info: dict) -> None:
         """Per-case metrics (edited and unedited) into the rows and the log."""
+        info = report.as_jsonable(info)  # as a resumed run reads it back
         for r, post in zip(reqs, posts, strict=True):
             pre = self.baseline[id(r)]
             row = {
@@ -343,7 +344,7 @@ def run_sequential(
         cur = apply(run.lm, acc)
         jax.block_until_ready(cur.params)
         round_secs.append(time.time() - t0)
-        infos.append(info)
+        infos.append(report.as_jsonable(info))
         if every and (k + 1) % every == 0 and k + 1 < len(rounds):
             curve.append(_point(run, cur, rounds[: k + 1], elapsed()))
             run.log.append({"curve": curve[-1]})
@@ -512,9 +513,9 @@ def evaluate(
         {run header..., "n_dropped", "metrics", "baseline" (summaries: {name: {mean, std,
         n}}), "general": {"edited", "unedited", "model", "seconds"} or None (what it
         measured on: "general_setup"),
-        "curve" (sequential with `every`: [{"edits", "rounds", "metrics", "general",
-        "seconds"}]), "seconds": {"per_edit": {median, p90}, "per_round", "total"},
-        "cases": per-case rows}.
+        "rounds" and "curve" (sequential; points with `every`: [{"edits", "rounds",
+        "metrics", "general", "seconds"}]), "seconds": {"per_edit": {median, p90},
+        "per_round" (sequential), "total"}, "cases": per-case rows}.
     """
     suite = GeneralSuite.default() if general is True else (general or None)
     _check(mode, requests, resume, generation, snippets, every, batch_size)
@@ -548,12 +549,14 @@ def evaluate(
     if mode == "sequential":
         total, unit = len(rounds_of(groups, batch_size)), "round"
     else:
-        total, unit = (len(groups), "case") if mode == "independent" else (len(flat), "request")
+        n_requests = sum(map(len, groups))
+        total, unit = (len(groups), "case") if mode == "independent" else (n_requests, "request")
+    t0 = time.time()
+    base_general = None if suite is None else measure_general(lm, suite)
+    t_general = time.time() - t0
     bar = _progress(total, progress, f"{method.name} {mode}", unit)
     run = _Run(lm, method, state, baseline, log, gen, suite, bar, resume, t_start)
-    t0 = time.time()
-    run.base_general = None if suite is None else measure_general(lm, suite)
-    t_general = time.time() - t0
+    run.base_general = base_general
     seq: dict = {}
     try:
         if mode == "independent":
