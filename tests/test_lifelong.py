@@ -291,6 +291,29 @@ def test_batch_mode_is_stateless_compute(tiny):
     assert len(res["cases"]) == 5 and "curve" not in res
 
 
+def test_contradicting_cases_are_skipped_and_max_cases_caps(tiny):
+    """One (prompt, subject) with two targets cannot share a solve or a lifelong model: the
+    later case is skipped and counted; --max-cases caps what remains."""
+    clash = dataclasses.replace(REQS[0], target_new=REQS[0].target_new + "x", case_id="clash")
+    reqs = [*REQS[:2], clash, *REQS[2:]]
+    seen: list = []
+    for mode in ("batch", "sequential"):
+        res = runner.evaluate(
+            tiny,
+            reqs,
+            spying(COUNTER, seen),
+            COUNTER.prepare(tiny, COUNTER.hparams()),
+            mode=mode,
+            batch_size=10,
+            general=False,
+            max_cases=4,
+        )
+        assert res["n_conflicts"] == 1
+        assert [c["case_id"] for c in res["cases"]] == [r.case_id for r in REQS[:4]]
+    with pytest.raises(InputError, match="max-cases"):
+        evaluate(tiny, REQS, max_cases=0)
+
+
 # ----------------------------------------------------------------------------- resume
 
 

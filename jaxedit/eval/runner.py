@@ -486,6 +486,7 @@ def evaluate(
     generation: Decoding | None = None,
     snippets: AttributeSnippets | None = None,
     general: GeneralSuite | bool = True,
+    max_cases: int | None = None,
     info: dict | None = None,
 ) -> dict:
     """Run an evaluation; returns the results dict (also written to `out` when given).
@@ -507,6 +508,7 @@ def evaluate(
         general: what the general block measures (`jaxedit.eval.general.GeneralSuite`);
             True: the default suite (the shipped WikiText-2 slice and fluency prompts, no
             known facts: pass a suite with facts for `known_facts_acc`); False: no block.
+        max_cases: keep at most this many cases after the filters (known_only, conflicts).
         info: extra JSON-able fields for results.json (data path, hparams, seed, ...); a
             resumed run must match them.
     Returns:
@@ -529,6 +531,21 @@ def evaluate(
         n_dropped, groups = len(groups) - len(kept), kept
         if not groups:
             raise InputError("--known-only dropped every case: the model knows none of them")
+    n_conflicts = 0
+    if mode != "independent":
+        # Edits that accumulate or share a solve cannot hold one (prompt, subject) with two
+        # targets (one key, two values: MEMIT/AlphaEdit refuse such a batch): a case that
+        # contradicts an earlier one is skipped and counted.
+        kept, seen = [], {}
+        for g in groups:
+            if all(seen.get((r.prompt, r.subject), r.target_new) == r.target_new for r in g):
+                kept.append(g)
+                seen.update({(r.prompt, r.subject): r.target_new for r in g})
+        n_conflicts, groups = len(groups) - len(kept), kept
+    if max_cases is not None:
+        if max_cases <= 0:
+            raise InputError(f"--max-cases must be positive, got {max_cases}")
+        groups = groups[:max_cases]
     header = report.as_jsonable(
         {
             "method": method.name,
@@ -580,6 +597,7 @@ def evaluate(
         "data": header.get("data", ""),
         "hparams": header.get("hparams"),
         "n_dropped": n_dropped,
+        "n_conflicts": n_conflicts,
         "metrics": report.summarize([r["metrics"] for r in run.rows]),
         "baseline": report.summarize([r["baseline"] for r in run.rows]),
         "general": general_block,

@@ -53,6 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records")
     p.add_argument("--known-only", action="store_true", help="keep facts the model knows")
     p.add_argument(
+        "--max-cases",
+        type=int,
+        default=None,
+        help="keep at most N cases after --known-only (and, in batch / sequential mode, after "
+        "skipping cases that contradict an earlier one: same prompt and subject, other target)",
+    )
+    p.add_argument(
         "--mode",
         default="independent",
         choices=runner.MODES,
@@ -191,6 +198,7 @@ def run(args) -> dict:
         state,
         mode=args.mode,
         known_only=args.known_only,
+        max_cases=args.max_cases,
         every=args.every,
         batch_size=args.batch_size,
         out=out,
