@@ -251,6 +251,18 @@ def test_plot_refuses_runs_with_nothing_to_draw(tmp_path):
         curves.plot_curves([curves.load_run(d)])
 
 
+def test_final_table_of_a_run_without_points(tmp_path):
+    d = tmp_path / "new"
+    d.mkdir()
+    (d / "run.json").write_text(json.dumps(header_of(synthetic())))
+    lines = curves.final_table([curves.load_run(d, "A")]).splitlines()
+    assert lines == [
+        "| run | status | edit s | total s |",
+        "|---|---|---|---|",
+        "| A | in progress, 0 of 6 edits | 0 | 0 |",
+    ]
+
+
 def test_final_table(tmp_path):
     a = curves.from_result(synthetic("rome", decay=0.1), "ROME-seq")
     b = curves.load_run(write_in_progress(tmp_path / "b", synthetic("alphaedit"), 2), "AlphaEdit")

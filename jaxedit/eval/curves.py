@@ -295,27 +295,20 @@ def final_table(runs: Sequence[LifelongRun], names: Sequence[str] = TABLE_COLUMN
     """Markdown: the last value of each name per run (an unfinished run: its last curve
     point), the unedited row(s), the edits, the editing and total seconds."""
     names = measured(runs, names)
-    lines = [
-        "| run | status | " + " | ".join(names) + " | edit s | total s |",
-        "|---" * (4 + len(names)) + "|",
-    ]
+    rows = [["run", "status", *names, "edit s", "total s"]]
     for r in runs:
-        cells = [_num(r.final(n)) for n in names]
-        lines.append(
-            f"| {r.label} | {r.status} | "
-            + " | ".join(cells)
-            + f" | {r.edit_seconds:.0f} | {r.seconds:.0f} |"
-        )
+        finals = [_num(r.final(n)) for n in names]
+        rows.append([r.label, r.status, *finals, f"{r.edit_seconds:.0f}", f"{r.seconds:.0f}"])
     finished = [r for r in runs if r.finished]
     if all(common_unedited(runs, n) is not None for n in names if unedited_values(runs, n)):
         if finished:  # one row: the runs agree on every unedited value
-            cells = [_num(common_unedited(runs, n)) for n in names]
-            lines.append("| unedited | | " + " | ".join(cells) + " | | |")
+            rows.append(["unedited", "", *[_num(common_unedited(runs, n)) for n in names], "", ""])
     else:
         for r in finished:
-            cells = [_num(r.unedited(n)) for n in names]
-            lines.append(f"| unedited ({r.label}) | | " + " | ".join(cells) + " | | |")
-    return "\n".join(lines)
+            base = [_num(r.unedited(n)) for n in names]
+            rows.append([f"unedited ({r.label})", "", *base, "", ""])
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join([lines[0], "|---" * len(rows[0]) + "|", *lines[1:]])
 
 
 def _num(x: float | None) -> str:
