@@ -35,9 +35,16 @@ import numpy as np
 from jaxtyping import Float
 
 from jaxedit.edits import WeightDelta, WeightEdit
-from jaxedit.errors import ConfigError, InputError
+from jaxedit.errors import InputError
 from jaxedit.methods.base import EditMethod, PrepareOptions
-from jaxedit.methods.common import linalg, spread, target_cache, target_opt, templates
+from jaxedit.methods.common import (
+    linalg,
+    spread,
+    target_cache,
+    target_opt,
+    templates,
+    value_hparams,
+)
 from jaxedit.models.lm import LanguageModel
 from jaxedit.requests import EditRequest
 from jaxedit.stats import DEFAULT_N_TOKENS, default_cache_dir, layers_stats
@@ -70,42 +77,20 @@ class SpreadHparams:
     seed: int = 0
 
     def __post_init__(self):
-        name = type(self).__name__
-        checks = [
-            (len(self.layers) >= 1, "give at least one layer"),
-            (list(self.layers) == sorted(set(self.layers)), "layers must be strictly increasing"),
-            (min(self.layers, default=0) >= 0, "layers must be >= 0"),
-            (self.v_num_grad_steps >= 1, "v_num_grad_steps must be >= 1"),
-            (self.v_lr > 0, "v_lr must be positive"),
-            (self.clamp_norm_factor > 0, "clamp_norm_factor must be positive"),
-            (self.kl_factor >= 0, "kl_factor must be >= 0"),
-            (self.kl_prompt.count("{}") == 1, "kl_prompt needs exactly one '{}'"),
-            (self.z_lanes >= 1, "z_lanes must be >= 1"),
-            (self.mom2_dtype in ("float32", "float64"), "mom2_dtype: float32 or float64"),
-            (
-                self.mom2_n_tokens is not None or self.mom2_n_samples is not None,
-                "give mom2_n_tokens or mom2_n_samples",
-            ),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(f"{name}: {msg}")
-        if self.context_templates is not None:
-            try:
-                templates.check_templates(self.context_templates)
-            except InputError as e:
-                raise ConfigError(f"{name}: {e}") from e
+        increasing = list(self.layers) == sorted(set(self.layers))
+        value_hparams.check(
+            self,
+            type(self).__name__,
+            [
+                (len(self.layers) >= 1, "give at least one layer"),
+                (increasing, "layers must be strictly increasing"),
+                (min(self.layers, default=0) >= 0, "layers must be >= 0"),
+                (self.z_lanes >= 1, "z_lanes must be >= 1"),
+            ],
+        )
 
     def target_settings(self) -> target_opt.TargetSettings:
-        return target_opt.TargetSettings(
-            steps=self.v_num_grad_steps,
-            lr=self.v_lr,
-            weight_decay=self.v_weight_decay,
-            kl_factor=self.kl_factor,
-            clamp_norm_factor=self.clamp_norm_factor,
-            early_stop_loss=self.early_stop_loss,
-            stop_when_argmax=self.early_stop_argmax,
-        )
+        return value_hparams.target_settings(self)
 
 
 @dataclass(frozen=True)

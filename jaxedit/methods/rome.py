@@ -51,9 +51,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from jaxedit.edits import WeightDelta, WeightEdit, apply_weight_edit
-from jaxedit.errors import ConfigError, InputError
+from jaxedit.errors import InputError
 from jaxedit.methods.base import EditMethod, PrepareOptions
-from jaxedit.methods.common import keys, linalg, target_opt, templates
+from jaxedit.methods.common import keys, linalg, target_opt, templates, value_hparams
 from jaxedit.models.lm import LanguageModel
 from jaxedit.requests import EditRequest
 from jaxedit.stats import DEFAULT_N_TOKENS, layer_stats
@@ -88,47 +88,18 @@ class ROMEHparams:
     seed: int = 0  # context-template sampling and the statistics corpus sample
 
     def __post_init__(self):
-        checks = [
-            (self.layer >= 0, "layer must be >= 0"),
-            (self.v_num_grad_steps >= 1, "v_num_grad_steps must be >= 1"),
-            (self.v_lr > 0, "v_lr must be positive"),
-            (self.v_weight_decay >= 0, "v_weight_decay must be >= 0"),
-            (self.clamp_norm_factor > 0, "clamp_norm_factor must be positive"),
-            (self.kl_factor >= 0, "kl_factor must be >= 0"),
-            (self.ridge >= 0, "ridge must be >= 0"),
-            (self.variant in VARIANTS, f"variant must be one of {VARIANTS}"),
-            (self.kl_prompt.count("{}") == 1, "kl_prompt needs exactly one '{}'"),
-            (self.mom2_dtype in ("float32", "float64"), "mom2_dtype: float32 or float64"),
-            (
-                self.mom2_n_tokens is not None or self.mom2_n_samples is not None,
-                "give mom2_n_tokens or mom2_n_samples",
-            ),
-            (
-                all(
-                    len(p) == 2 and p[0] >= 2 and p[1] >= 0
-                    for p in self.context_template_length_params
-                ),
-                "context_template_length_params: [[length >= 2, count], ...]",
-            ),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(f"ROME hparams: {msg}")
-        if self.context_templates is not None:
-            try:
-                templates.check_templates(self.context_templates)
-            except InputError as e:
-                raise ConfigError(f"ROME hparams: {e}") from e
+        value_hparams.check(
+            self,
+            "ROME hparams",
+            [
+                (self.layer >= 0, "layer must be >= 0"),
+                (self.ridge >= 0, "ridge must be >= 0"),
+                (self.variant in VARIANTS, f"variant must be one of {VARIANTS}"),
+            ],
+        )
 
     def target_settings(self) -> target_opt.TargetSettings:
-        return target_opt.TargetSettings(
-            steps=self.v_num_grad_steps,
-            lr=self.v_lr,
-            weight_decay=self.v_weight_decay,
-            kl_factor=self.kl_factor,
-            clamp_norm_factor=self.clamp_norm_factor,
-            early_stop_loss=self.early_stop_loss,
-        )
+        return value_hparams.target_settings(self)
 
 
 @dataclass(frozen=True)
