@@ -42,12 +42,11 @@ from jaxedit.methods.common import (
     spread,
     target_cache,
     target_opt,
-    templates,
     value_hparams,
 )
 from jaxedit.models.lm import LanguageModel
 from jaxedit.requests import EditRequest
-from jaxedit.stats import DEFAULT_N_TOKENS, default_cache_dir, layers_stats
+from jaxedit.stats import DEFAULT_N_TOKENS, default_cache_dir
 
 
 @dataclass(frozen=True)
@@ -136,12 +135,7 @@ def make_state(
     bad = [x for x in hp.layers if np.shape(C[x]) != (F, F)]
     if bad:
         raise InputError(f"C of layers {bad} is not {F}x{F} (the layers' key width)")
-    chosen = context_templates if context_templates is not None else hp.context_templates
-    if chosen is None:
-        chosen = templates.sample_templates(
-            lm, hp.context_template_length_params, top_k=hp.template_top_k, seed=hp.seed
-        )
-    chosen = templates.check_templates(chosen)
+    chosen = value_hparams.context_templates(lm, hp, context_templates)
     groups = spread.template_groups(
         hp.context_template_length_params,
         chosen if (context_templates or hp.context_templates) is not None else None,
@@ -154,18 +148,7 @@ def prepare_spread(lm: LanguageModel, hp: SpreadHparams, opts: PrepareOptions) -
     """C_l for every layer (one pass over the corpus for the layers not cached yet) and the
     context templates; z's are cached under `<statistics cache>/z` unless `cache_z` is off."""
     check_layers(lm, hp.layers)
-    stats = layers_stats(
-        lm,
-        hp.layers,
-        hp.mom2_corpus,
-        n_tokens=hp.mom2_n_tokens,
-        n_samples=hp.mom2_n_samples,
-        max_len=hp.mom2_max_len,
-        dtype=hp.mom2_dtype,
-        cache_dir=opts.cache_dir,
-        seed=hp.seed,
-        progress=opts.progress,
-    )
+    stats = value_hparams.key_stats(lm, hp, hp.layers, opts.cache_dir, opts.progress)
     info = {
         "tokens": next(iter(stats.values())).count,
         "from_cache": [bool(st.meta.get("from_cache")) for st in stats.values()],

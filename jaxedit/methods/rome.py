@@ -53,10 +53,10 @@ import numpy as np
 from jaxedit.edits import WeightDelta, WeightEdit, apply_weight_edit
 from jaxedit.errors import InputError
 from jaxedit.methods.base import EditMethod, PrepareOptions
-from jaxedit.methods.common import keys, linalg, target_opt, templates, value_hparams
+from jaxedit.methods.common import keys, linalg, target_opt, value_hparams
 from jaxedit.models.lm import LanguageModel
 from jaxedit.requests import EditRequest
-from jaxedit.stats import DEFAULT_N_TOKENS, layer_stats
+from jaxedit.stats import DEFAULT_N_TOKENS
 
 VARIANTS = ("corrected", "paper")
 SITE = "mlp_out"
@@ -133,12 +133,8 @@ def make_state(
         if np.shape(C) != (cfg.d_ff, cfg.d_ff):
             raise InputError(f"C has shape {np.shape(C)}, the layer's keys are {cfg.d_ff} wide")
         factor = linalg.spd_factor(C, hp.ridge)  # a singular C fails here, before any edit
-    chosen = context_templates if context_templates is not None else hp.context_templates
-    if chosen is None:
-        chosen = templates.sample_templates(
-            lm, hp.context_template_length_params, top_k=hp.template_top_k, seed=hp.seed
-        )
-    return ROMEState(hp, factor, templates.check_templates(chosen), dict(stats or {}))
+    chosen = value_hparams.context_templates(lm, hp, context_templates)
+    return ROMEState(hp, factor, chosen, dict(stats or {}))
 
 
 def prepare(lm: LanguageModel, hp: ROMEHparams, opts: PrepareOptions) -> ROMEState:
@@ -147,18 +143,7 @@ def prepare(lm: LanguageModel, hp: ROMEHparams, opts: PrepareOptions) -> ROMESta
         raise InputError(f"ROME layer {hp.layer} out of range 0..{lm.config.n_layers - 1}")
     if not hp.mom2_adjustment:
         return make_state(lm, hp, None)
-    st = layer_stats(
-        lm,
-        hp.layer,
-        hp.mom2_corpus,
-        n_tokens=hp.mom2_n_tokens,
-        n_samples=hp.mom2_n_samples,
-        max_len=hp.mom2_max_len,
-        dtype=hp.mom2_dtype,
-        cache_dir=opts.cache_dir,
-        seed=hp.seed,
-        progress=opts.progress,
-    )
+    st = value_hparams.key_stats(lm, hp, (hp.layer,), opts.cache_dir, opts.progress)[hp.layer]
     info = {
         "tokens": st.count,
         "from_cache": st.meta.get("from_cache"),

@@ -52,3 +52,32 @@ def target_settings(hp) -> TargetSettings:
         early_stop_loss=hp.early_stop_loss,
         stop_when_argmax=getattr(hp, "early_stop_argmax", False),
     )
+
+
+def context_templates(lm, hp, given: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The templates to use: `given`, else `hp.context_templates`, else sampled from the model
+    by `hp.context_template_length_params` (checked: "{}" first)."""
+    chosen = given if given is not None else hp.context_templates
+    if chosen is None:
+        chosen = templates.sample_templates(
+            lm, hp.context_template_length_params, top_k=hp.template_top_k, seed=hp.seed
+        )
+    return templates.check_templates(chosen)
+
+
+def key_stats(lm, hp, layers: Sequence[int], cache_dir, progress: bool) -> dict:
+    """{layer: Stats} of the layers' keys over the hparams' mom2_* corpus (one pass, cached)."""
+    from jaxedit.stats import layers_stats
+
+    return layers_stats(
+        lm,
+        layers,
+        hp.mom2_corpus,
+        n_tokens=hp.mom2_n_tokens,
+        n_samples=hp.mom2_n_samples,
+        max_len=hp.mom2_max_len,
+        dtype=hp.mom2_dtype,
+        cache_dir=cache_dir,
+        seed=hp.seed,
+        progress=progress,
+    )
