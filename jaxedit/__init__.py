@@ -26,6 +26,7 @@ from jaxedit.io.checkpoint import load, save_hf, save_orbax
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.generate import generate, next_token_logprobs, top_k
 from jaxedit.models.lm import LanguageModel
+from jaxedit.models.sharding import make_mesh, shard
 from jaxedit.models.sites import SITES, SitePatch, get_weight, make_patch, set_weight
 from jaxedit.models.transformer import (
     KVCache,
@@ -38,6 +39,8 @@ from jaxedit.models.transformer import (
 from jaxedit.requests import EditRequest, Probe
 
 __all__ = [
+    "make_mesh",
+    "shard",
     "SITES",
     "CheckpointError",
     "ConfigError",
