@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
             default=DEFAULT_MODEL,
             help=f"embedded name, HF directory, .gguf file or hub id (default: {DEFAULT_MODEL})",
         )
+        p.add_argument(
+            "--mesh",
+            default=None,
+            help="shard the model over a device mesh, e.g. fsdp=8 or data=2,fsdp=2,tensor=2",
+        )
         p.add_argument("--json", action="store_true", help="print a JSON result on stdout")
         mod.add_arguments(p)
         p.set_defaults(_module=mod)
