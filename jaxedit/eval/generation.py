@@ -1,4 +1,5 @@
-"""Generation-based metrics: what the edited model actually says (fluency, consistency).
+"""Generation-based metrics: what the edited model actually says (fluency, consistency, and
+the greedy continuations the `*_gen` metrics read: `greedy_ids`).
 
 ROME's decoding (kmeng01/rome `util/generate.py` `generate_fast`, called by
 `experiments/py/eval_utils_counterfact.test_generation` with `max_out_len=100` and its default
@@ -22,6 +23,11 @@ context edit (IKE) is read before every prompt and is not counted in the 100 tok
 
 Decoding runs all prompts of a case as one batch: the prompts are pre-filled into a KV cache
 once, then one `lax.scan` step per token (one compile per (rows, prompt bucket, length bucket)).
+
+`greedy_ids(lm, prompts, n_new)` is the short, greedy decoding of the answer metrics
+(`jaxedit.eval.measure.measure_generated`): a few tokens after each of many prompts (all
+prompts of many cases), sorted by length and run in chunks of up to `GREEDY_ROWS` rows, one
+jitted prefill + scan per chunk.
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ from jaxedit.models.transformer import KVCache, Params
 from jaxedit.requests import EditRequest
 
 LENGTH_STEP = 16  # generated lengths are padded to a multiple of this: few compiled shapes
+GREEDY_STEP = 8  # the same for the short greedy continuations of the answer metrics
+GREEDY_ROWS = 64  # rows per greedy call (a power of two)
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,66 @@ def _decode(
         return state, jnp.take_along_axis(top_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
     return prefill_and_decode(cfg, params, shared, tokens, mask, n_new, pick, None)
+
+
+@partial(jax.jit, static_argnums=(0, 5))
+def _greedy(
+    cfg: ModelConfig,
+    params: Params,
+    context: KVCache | None,
+    tokens: Int[Array, "B T"],
+    mask: Bool[Array, "B T"],
+    n_new: int,
+) -> Int[Array, "B N"]:
+    """n_new argmax tokens after each left-padded row (following `context`, a batch-1 cache)."""
+    shared = None if context is None else broadcast_cache(context, tokens.shape[0])
+
+    def pick(state, logits, i):
+        return state, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return prefill_and_decode(cfg, params, shared, tokens, mask, n_new, pick, None)
+
+
+def greedy_ids(lm: LanguageModel, prompts: Sequence[str], n_new: Sequence[int]) -> list[list[int]]:
+    """The first `n_new[i]` greedy token ids after `[context +] prompts[i]` (not cut at
+    end-of-sequence), all prompts in as few jitted calls as their lengths allow.
+
+    A prompt's trailing spaces / tabs are removed first (the leading-space rule of
+    `jaxedit.eval.scoring`: the answer's first token carries its space). Rows are sorted by
+    length and cut into chunks of `GREEDY_ROWS`, each padded to a power of two rows (copies of
+    its first row) and a multiple of `GREEDY_STEP` tokens; greedy decoding is deterministic,
+    so a row's tokens do not depend on the others in its chunk.
+    """
+    if len(prompts) != len(n_new):
+        raise InputError(f"{len(prompts)} prompts but {len(n_new)} lengths")
+    if not prompts or any(not p.strip() for p in prompts):
+        raise InputError("generation needs non-empty prompts")
+    if min(n_new) < 1:
+        raise InputError("each prompt needs at least one token to generate")
+    bare = [p.rstrip(" \t") for p in prompts]
+    longest = -(-max(n_new) // GREEDY_STEP) * GREEDY_STEP
+    context, rows = context_rows(lm, bare, longest)
+    kv = None if context is None else context.kv
+    room = lm.config.max_positions - (context.n_tokens if context else 0)
+    out: list[list[int]] = [[] for _ in prompts]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for lo in range(0, len(order), GREEDY_ROWS):
+        idx = order[lo : lo + GREEDY_ROWS]
+        n = -(-max(n_new[i] for i in idx) // GREEDY_STEP) * GREEDY_STEP
+        B = 1 << (len(idx) - 1).bit_length()
+        padded = [rows[idx[j] if j < len(idx) else idx[0]] for j in range(B)]
+        b = lm.tokenizer.batch(padded, padding="left")
+        if b.tokens.shape[1] + n > room:
+            raise InputError(
+                f"a prompt of {b.tokens.shape[1]} tokens and {n} generated ones need more than "
+                f"the model's {lm.config.max_positions} positions"
+            )
+        toks = np.asarray(
+            _greedy(lm.config, lm.params, kv, jnp.asarray(b.tokens), jnp.asarray(b.mask), n)
+        )
+        for j, i in enumerate(idx):
+            out[i] = toks[j, : n_new[i]].tolist()
+    return out
 
 
 def _rows(

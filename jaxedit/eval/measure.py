@@ -10,6 +10,18 @@ the named metrics of `jaxedit.eval.metrics`:
 - any neighbour: specificity_acc (its own answer) and, against the unedited model, locality;
 - reliability / generalization: token accuracy of target_new on rewrite / paraphrase prompts;
 - portability (per kind too) and reverse: token accuracy of the best alias.
+
+The generated form of the same questions: `gen_queries(r)` lists every (prompt, answers) whose
+greedy continuation is read, `measure_generated(lm, requests)` decodes all of them in a few
+batched calls (`jaxedit.eval.generation.greedy_ids`, `GEN_MARGIN` tokens beyond the longest
+answer), and `gen_case_metrics(r, post, pre)` gives the `*_gen` metrics: the fraction of
+prompts whose continuation begins with an accepted answer (`metrics.generated_match`):
+
+- `efficacy_gen` / `paraphrase_gen`: rewrite / paraphrase prompts continue with target_new;
+- `neighborhood_gen`: CounterFact neighbours continue with their true object (the case's
+  target_true); `specificity_gen`: any neighbour continues with its own answer;
+  `locality_gen` (against the unedited model): the neighbour's continuation is unchanged;
+- `portability_gen` (and `portability/<kind>_gen`), `reverse_gen`: any alias.
 """
 
 from __future__ import annotations
@@ -21,7 +33,8 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxedit.eval import metrics
-from jaxedit.eval.scoring import score_targets
+from jaxedit.eval.generation import greedy_ids
+from jaxedit.eval.scoring import continuation, score_targets
 from jaxedit.models.lm import LanguageModel
 from jaxedit.requests import EditRequest, Probe
 
@@ -156,4 +169,92 @@ def _probes(r: EditRequest, post: Scores) -> dict[str, float]:
         for p, b in zip(probes, best, strict=True):
             by_kind[p.kind or "portability"].append(b)
         m |= {f"portability/{kind}": float(np.mean(v)) for kind, v in by_kind.items()}
+    return m
+
+
+# ----------------------------------------------------------------------------- generated
+
+GEN_MARGIN = 4  # tokens generated beyond the answer's own: room for "the", a space, a comma
+
+
+class GenScore(NamedTuple):
+    """The greedy continuation of one prompt and whether it begins with an accepted answer."""
+
+    text: str  # decoded, cut at end-of-sequence
+    match: bool
+
+
+GenScores = dict[Key, GenScore]
+
+
+def gen_queries(r: EditRequest) -> list[tuple[Key, str, tuple[str, ...]]]:
+    """Every (key, prompt, accepted answers) whose continuation a request is judged on."""
+    q: list[tuple[Key, str, tuple[str, ...]]] = [(("rw", 0), r.rewrite_prompt, (r.target_new,))]
+    q += [(("pp", i), p, (r.target_new,)) for i, p in enumerate(r.paraphrase_prompts)]
+    for name, probes in (("nb", r.neighborhood), ("port", r.portability), ("rev", r.reverse)):
+        q += [((name, i), p.prompt, p.answers) for i, p in enumerate(probes)]
+    return q
+
+
+def measure_generated(lm: LanguageModel, requests: Sequence[EditRequest]) -> list[GenScores]:
+    """The greedy continuation of every `gen_queries` prompt of every request.
+
+    A prompt gets (tokens of its longest accepted answer, `" " + answer`) + `GEN_MARGIN`
+    tokens; a prompt asked by several queries is decoded once, and each query reads its own
+    length of it, so the result of a request does not depend on what it is batched with.
+    """
+    tok = lm.tokenizer
+    per_req = [gen_queries(r) for r in requests]
+    want: dict[str, int] = {}
+    n_of: dict[tuple[Key, int], int] = {}
+    for k, qs in enumerate(per_req):
+        for key, prompt, answers in qs:
+            n = max(len(tok.encode_continuation(continuation(a))) for a in answers) + GEN_MARGIN
+            n_of[(key, k)] = n
+            want[prompt] = max(want.get(prompt, 0), n)
+    prompts = list(want)
+    ids = dict(zip(prompts, greedy_ids(lm, prompts, [want[p] for p in prompts]), strict=True))
+    eos = tok.eos_id
+    out = []
+    for k, qs in enumerate(per_req):
+        scores = {}
+        for key, prompt, answers in qs:
+            new = ids[prompt][: n_of[(key, k)]]
+            text = tok.decode(new[: new.index(eos)] if eos is not None and eos in new else new)
+            scores[key] = GenScore(text, metrics.generated_match(text, answers))
+        out.append(scores)
+    return out
+
+
+def gen_case_metrics(
+    r: EditRequest, post: GenScores, pre: GenScores | None = None
+) -> dict[str, float]:
+    """The `*_gen` metrics of one request from its continuations after the edit (`pre`: the
+    unedited model's, for `locality_gen`)."""
+    mean = lambda xs: float(np.mean(xs))
+    hits = lambda name, n: [post[(name, i)].match for i in range(n)]
+    m = {"efficacy_gen": float(post[("rw", 0)].match)}
+    if r.paraphrase_prompts:
+        m["paraphrase_gen"] = mean(hits("pp", len(r.paraphrase_prompts)))
+    if r.neighborhood:
+        nb = range(len(r.neighborhood))
+        m["specificity_gen"] = mean(hits("nb", len(r.neighborhood)))
+        cf = [i for i, p in enumerate(r.neighborhood) if counterfact_neighbour(r, p)]
+        if cf:
+            m["neighborhood_gen"] = mean([post[("nb", i)].match for i in cf])
+        if pre is not None:
+            same = [
+                metrics.normalize_answer(post[("nb", i)].text)
+                == metrics.normalize_answer(pre[("nb", i)].text)
+                for i in nb
+            ]
+            m["locality_gen"] = mean(same)
+    if r.portability:
+        m["portability_gen"] = mean(hits("port", len(r.portability)))
+        by_kind: dict[str, list[bool]] = defaultdict(list)
+        for i, p in enumerate(r.portability):
+            by_kind[p.kind or "portability"].append(post[("port", i)].match)
+        m |= {f"portability/{kind}_gen": mean(v) for kind, v in by_kind.items()}
+    if r.reverse:
+        m["reverse_gen"] = mean(hits("rev", len(r.reverse)))
     return m

@@ -22,12 +22,19 @@ Names in results.json, what they measure, and where the definition comes from:
   unchanged (EasyEdit `locality`).
 - `fluency`: mean over generations of (2/3 H_2 + 4/3 H_3) / 2, bits (ROME `ngram_entropy`).
 - `consistency`: cos(tfidf(generations), tfidf(reference snippets)) (ROME `reference_score`).
+- `*_gen` (`efficacy_gen`, `paraphrase_gen`, `neighborhood_gen`, `specificity_gen`,
+  `portability_gen`, `reverse_gen`): the fraction of prompts whose greedy continuation begins
+  with the expected answer (`generated_match`), what the model actually says rather than how
+  it ranks a forced answer ("The Mirage of Model Editing", Yang et al. 2025: teacher-forced
+  accuracy overstates editing success); `locality_gen`: the fraction of neighbour prompts whose
+  continuation the edit leaves unchanged (`normalize_answer` of both).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,6 +121,43 @@ def locality_agreement(pre_argmax: np.ndarray, post_argmax: np.ndarray) -> float
     if pre.shape != post.shape:
         raise ValueError("pre/post argmax shapes differ")
     return float(np.mean(pre == post))
+
+
+# ----------------------------------------------------------------------------- generated answers
+
+_ARTICLE = re.compile(r"^(?:the|a|an) ")
+
+
+def normalize_answer(text: str) -> str:
+    """Text as compared for the `*_gen` metrics: accents removed (NFKD, combining marks
+    dropped), lower case, every punctuation mark a space, whitespace collapsed, one leading
+    article (the / a / an) dropped.
+
+    SQuAD's answer normalisation (Rajpurkar et al. 2016, `normalize_answer`: lower case, no
+    punctuation, no articles, single spaces), except that punctuation separates words instead
+    of vanishing ("English-speaking" -> "english speaking", so the answer "English" is a whole
+    word of it) and only a leading article goes (a prefix test needs no more).
+    """
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
+    text = " ".join(re.sub(r"[\W_]+", " ", text).split())
+    return _ARTICLE.sub("", text)
+
+
+def generated_match(continuation: str, answers: Sequence[str]) -> bool:
+    """1[the continuation begins with one of the answers], both `normalize_answer`ed, the
+    answer ending at a word boundary ("Paris, France" matches "Paris"; "Parisian" does not).
+
+    An answer that normalises to nothing (only punctuation) never matches. Source of the idea:
+    generation-based success in "The Mirage of Model Editing" (Yang et al. 2025), with the
+    SQuAD normalisation above instead of their LLM judge.
+    """
+    c = normalize_answer(continuation)
+    for a in answers:
+        n = normalize_answer(a)
+        if n and (c == n or c.startswith(n + " ")):
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------- fluency
