@@ -2,7 +2,10 @@
 
 Each command module defines NAME, HELP, `add_arguments(parser)`, `run(args) -> dict` and,
 optionally, `render(result) -> str` for human output. Every command takes `--model` and
-`--json`. User errors (`JaxeditError`) print one line and exit 2, without a traceback.
+`--json` and `--no-progress` (bars on stderr, only when it is a terminal: `jaxedit.progress`).
+User errors (`JaxeditError`, and a file that is not UTF-8) print one line and exit 2, without a
+traceback; an output directory (`--out`, `--save`) that a failed command created is removed
+again when it holds no file.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import os
 import pkgutil
 import sys
 
+from jaxedit import progress
+from jaxedit.cli.commands.data import resolve_data_args
 from jaxedit.errors import JaxeditError
+from jaxedit.io.atomic import remove_new_empty_dirs
 
 
 def _commands():
@@ -49,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--json", action="store_true", help="print a JSON result on stdout")
         mod.add_arguments(p)
+        if "--dtype" not in p._option_string_actions:  # stats keeps its own (statistics) --dtype
+            p.add_argument(
+                "--dtype",
+                dest="model_dtype",
+                default="float32",
+                choices=("float32", "bfloat16"),
+                help="dtype of the loaded params (default float32)",
+            )
+        if "--no-progress" not in p._option_string_actions:
+            p.add_argument("--no-progress", action="store_true", help="no progress bars")
         p.set_defaults(_module=mod)
     return parser
 
@@ -57,14 +73,31 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     mod = args._module
+    # Output directories this command may create: a failure must not leave them empty.
+    outs = [p for p in (getattr(args, a, None) for a in ("out", "save")) if p]
+    new = [p for p in outs if not os.path.exists(p)]
+    ok = False
     try:
-        result = mod.run(args)
+        resolve_data_args(args)  # registered data-set names -> cached files (`jaxedit data`)
+        with progress.scope(progress.wanted(args.no_progress)):
+            result = mod.run(args)
+        ok = True
     except JaxeditError as e:
         print(f"jaxedit {mod.NAME}: error: {e}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as e:  # a reader that did not name its file: still one line
+        print(
+            f"jaxedit {mod.NAME}: error: an input file is not UTF-8 text ({e.reason}, byte "
+            f"{e.object[e.start : e.start + 1]!r} at offset {e.start}); save it as UTF-8",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"jaxedit {mod.NAME}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if not ok:
+            remove_new_empty_dirs(new)
     if args.json:
         print(json.dumps(result, indent=2, default=_json_default))
     elif hasattr(mod, "render"):
