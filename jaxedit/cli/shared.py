@@ -15,7 +15,7 @@ def _load(name: str, dtype: str) -> LanguageModel:
 
 
 def load_model(args: argparse.Namespace) -> LanguageModel:
-    return _load(args.model, getattr(args, "dtype", "float32"))
+    return _load(args.model, getattr(args, "model_dtype", "float32"))
 
 
 def top_table(rows: list[dict]) -> str:
