@@ -7,6 +7,10 @@
   target_true{str, id}}, paraphrase_prompts, neighborhood_prompts, generation_prompts`).
   Neighbourhood answers = target_true (ROME's construction). `extra` keeps relation_id and the
   Wikidata ids of both targets: they select the case's attribute snippets (consistency).
+
+Both forms get a reverse probe where the relation has one (`jaxedit.eval.reverse`: by the
+record's relation_id, else by the prompt's ParaRel template): "{target_new} is the capital of"
+answered by the subject.
 """
 
 from __future__ import annotations
@@ -14,12 +18,15 @@ from __future__ import annotations
 from typing import Any
 
 from jaxedit.eval.datasets.records import BadRecord, request, strings, template, text
+from jaxedit.eval.reverse import counterfact_reverse
 from jaxedit.requests import EditRequest, Probe
 
 
 def from_easyedit(rec: dict, i: int) -> list[EditRequest]:
     subject = text(rec, "subject")
     true = text(rec, "ground_truth")
+    prompt = template(text(rec, "prompt"), subject)
+    new = text(rec, "target_new")
     neigh = ()
     if rec.get("locality_prompt"):
         answer = rec.get("locality_ground_truth") or true
@@ -27,14 +34,15 @@ def from_easyedit(rec: dict, i: int) -> list[EditRequest]:
     return [
         request(
             rec.get("case_id", i),
-            prompt=template(text(rec, "prompt"), subject),
+            prompt=prompt,
             subject=subject,
-            target_new=text(rec, "target_new"),
+            target_new=new,
             target_true=true,
             paraphrase_prompts=(text(rec, "rephrase_prompt"),)
             if rec.get("rephrase_prompt")
             else (),
             neighborhood=neigh,
+            reverse=counterfact_reverse(prompt, subject, new),
         )
     ]
 
@@ -53,9 +61,10 @@ def rome_rewrite(rw: dict, case_id: Any, rec: dict) -> EditRequest:
         new, true = rw["target_new"]["str"], rw["target_true"]["str"]
     except (KeyError, TypeError) as e:
         raise BadRecord("requested_rewrite needs target_new.str and target_true.str") from e
+    prompt = template(text(rw, "prompt"), subject)
     return request(
         case_id,
-        prompt=template(text(rw, "prompt"), subject),
+        prompt=prompt,
         subject=subject,
         target_new=new,
         target_true=true,
@@ -64,6 +73,7 @@ def rome_rewrite(rw: dict, case_id: Any, rec: dict) -> EditRequest:
             Probe(p, (true,), "neighborhood") for p in strings(rec, "neighborhood_prompts")
         ),
         generation_prompts=strings(rec, "generation_prompts"),
+        reverse=counterfact_reverse(prompt, subject, new, rw.get("relation_id")),
         extra=rome_ids(rw, rec),
     )
 
