@@ -101,7 +101,9 @@ def locate_subject(tokenizer, prompt: str, subject: str) -> tuple[list[int], tup
 
 def embedding_std(params, ids: Sequence[int]) -> float:
     """sigma: std over all entries of the token embeddings of `ids` (ROME's noise unit)."""
-    emb = np.asarray(params["embed"], np.float32)[np.asarray(list(ids), np.int64)]
+    # Rows gathered where the table lives: a sharded embedding is never pulled whole to host.
+    emb = np.asarray(jnp.take(params["embed"], jnp.asarray(list(ids), jnp.int32), axis=0))
+    emb = emb.astype(np.float32)
     return float(emb.std())
 
 
