@@ -73,6 +73,7 @@ def encode_queries(
         p, c = split_query(p, t)
         p_ids.append(tok.encode(p))
         t_ids.append(tok.encode_continuation(c))
+        tok.check_fits(len(p_ids[-1]) + len(t_ids[-1]) - 1, p, "the prompt with its target")
     return p_ids, t_ids
 
 

@@ -223,7 +223,7 @@ def load_hf_dir(directory: Path, dtype: str = "float32", name: str | None = None
     cfg = config_from_hf(hf).replace(dtype=dtype)
     source = _SafetensorsSource(directory)
     params = fill_params(cfg, source, dtype)
-    tokenizer = load_hf_tokenizer(directory, hf, model_vocab=cfg.vocab_size)
+    tokenizer = load_hf_tokenizer(directory, hf, cfg.vocab_size, cfg.max_positions)
     return LanguageModel(name or str(directory), cfg, params, tokenizer)
 
 
@@ -282,7 +282,7 @@ def load_gguf(path: Path, dtype: str = "float32", name: str | None = None) -> La
         raise ConfigError(f"{path}: {e}") from e
     n_heads, n_kv = hf["num_attention_heads"], hf["num_key_value_heads"]
     cfg = config_from_hf(hf).replace(dtype=dtype)
-    tokenizer = tokenizer_from_gguf(f, model_vocab=cfg.vocab_size)
+    tokenizer = tokenizer_from_gguf(f, cfg.vocab_size, cfg.max_positions)
     source = _GGUFSource(gf, n_heads, n_kv, permuted=arch in llama.GGUF_PERMUTES_QK)
     params = fill_params(cfg, source, dtype)
     return LanguageModel(name or str(path), cfg, params, tokenizer)
@@ -374,5 +374,6 @@ def load_orbax(directory: str | os.PathLike) -> LanguageModel:
         eos_id=ids(tcfg["eos_token"]),
         pad_id=ids(tcfg["pad_token"]),
         model_vocab=cfg.vocab_size,
+        max_positions=cfg.max_positions,
     )
     return LanguageModel(str(d), cfg, params, tokenizer)

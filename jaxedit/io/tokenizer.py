@@ -34,6 +34,29 @@ def fine_bucket(n: int) -> int:
     return p if p <= 2 or n > 3 * p // 4 else 3 * p // 4
 
 
+def preview(text: str, n: int = 60) -> str:
+    """The start of a text, quoted, for an error message."""
+    return repr(text[:n] + "…" if len(text) > n else text)
+
+
+def checked_text(text) -> str:
+    """`text` if it is a str of valid Unicode, else an `InputError` naming the bad byte: bytes
+    that are not UTF-8 reach Python as lone surrogates (U+DC80..U+DCFF for byte 0x80..0xFF,
+    from argv or a file read with surrogateescape), which the tokenizer cannot take."""
+    if not isinstance(text, str):
+        raise InputError(f"text must be a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = ord(text[e.start])
+        what = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"U+{ch:04X}"
+        raise InputError(
+            f"text is not valid UTF-8 ({what} at character {e.start}): "
+            f"{preview(text.encode('utf-8', 'replace').decode('utf-8'))}"
+        ) from None
+    return text
+
+
 @dataclass(frozen=True)
 class Batch:
     tokens: np.ndarray  # [B T] int32
@@ -60,8 +83,10 @@ class TextTokenizer:
         eos_id: int | None,
         pad_id: int | None = None,
         model_vocab: int | None = None,
+        max_positions: int | None = None,
     ):
         self.tok = tok
+        self.max_positions = max_positions
         n_ids = tok.get_vocab_size(with_added_tokens=True)
         n_ids = n_ids if model_vocab is None else min(n_ids, model_vocab)
         valid = lambda i: i is not None and 0 <= i < n_ids
@@ -79,9 +104,17 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
+    def check_fits(self, n_tokens: int, text: str = "", what: str = "the prompt") -> None:
+        """Refuse a row of `n_tokens` tokens that the model has no positions for."""
+        if self.max_positions is not None and n_tokens > self.max_positions:
+            raise InputError(
+                f"{what} is {n_tokens} tokens, more than the model's {self.max_positions} "
+                f"positions{': ' + preview(text) if text else ''}; shorten it"
+            )
+
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and their (begin, end) character spans in `text` (BOS: (0, 0))."""
-        enc = self.tok.encode(text, add_special_tokens=False)
+        enc = self.tok.encode(checked_text(text), add_special_tokens=False)
         ids, offsets = list(enc.ids), [tuple(o) for o in enc.offsets]
         if self.add_bos:
             ids, offsets = [self.bos_id, *ids], [(0, 0), *offsets]
@@ -92,7 +125,7 @@ class TextTokenizer:
 
     def encode_continuation(self, text: str) -> list[int]:
         """Ids of a continuation (a target answer): never with BOS."""
-        return list(self.tok.encode(text, add_special_tokens=False).ids)
+        return list(self.tok.encode(checked_text(text), add_special_tokens=False).ids)
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
@@ -113,6 +146,8 @@ class TextTokenizer:
         seqs = [self.encode(t) if isinstance(t, str) else list(t) for t in texts]
         if any(len(s) == 0 for s in seqs):
             raise InputError("empty prompt: nothing to tokenize")
+        for t, s in zip(texts, seqs, strict=True):
+            self.check_fits(len(s), t if isinstance(t, str) else "")
         T = length or bucket(max(len(s) for s in seqs))
         if max(len(s) for s in seqs) > T:
             raise InputError(f"a sequence of {max(map(len, seqs))} tokens exceeds length {T}")
@@ -144,10 +179,14 @@ class TextTokenizer:
 
 
 def load_hf_tokenizer(
-    directory: Path, hf_config: dict, model_vocab: int | None = None
+    directory: Path,
+    hf_config: dict,
+    model_vocab: int | None = None,
+    max_positions: int | None = None,
 ) -> TextTokenizer:
     """From a HF directory: tokenizer.json (preferred) or vocab.json + merges.txt.
-    `model_vocab`: the model's vocabulary size, which special ids must lie below."""
+    `model_vocab`: the model's vocabulary size, which special ids must lie below;
+    `max_positions`: the model's, which rows must fit."""
     tj = directory / "tokenizer.json"
     tcfg_path = directory / "tokenizer_config.json"
     tcfg = json.loads(tcfg_path.read_text()) if tcfg_path.exists() else {}
@@ -170,7 +209,13 @@ def load_hf_tokenizer(
     tok.post_processor = None
     pad = hf_config.get("pad_token_id")
     return TextTokenizer(
-        tok, add_bos=add_bos, bos_id=bos, eos_id=eos, pad_id=pad, model_vocab=model_vocab
+        tok,
+        add_bos=add_bos,
+        bos_id=bos,
+        eos_id=eos,
+        pad_id=pad,
+        model_vocab=model_vocab,
+        max_positions=max_positions,
     )
 
 
@@ -191,7 +236,9 @@ _QWEN2_SPLIT = (
 )
 
 
-def tokenizer_from_gguf(fields: dict, model_vocab: int | None = None) -> TextTokenizer:
+def tokenizer_from_gguf(
+    fields: dict, model_vocab: int | None = None, max_positions: int | None = None
+) -> TextTokenizer:
     """Byte-level BPE tokenizer from GGUF metadata (`tokenizer.ggml.*`)."""
     model = fields.get("tokenizer.ggml.model")
     if model is None or "tokenizer.ggml.tokens" not in fields:
@@ -231,5 +278,11 @@ def tokenizer_from_gguf(fields: dict, model_vocab: int | None = None) -> TextTok
     pad = fields.get("tokenizer.ggml.padding_token_id")
     add_bos = bool(fields.get("tokenizer.ggml.add_bos_token", False))
     return TextTokenizer(
-        tok, add_bos=add_bos, bos_id=bos, eos_id=eos, pad_id=pad, model_vocab=model_vocab
+        tok,
+        add_bos=add_bos,
+        bos_id=bos,
+        eos_id=eos,
+        pad_id=pad,
+        model_vocab=model_vocab,
+        max_positions=max_positions,
     )

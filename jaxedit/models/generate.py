@@ -85,8 +85,8 @@ def next_token_logprobs(lm: LanguageModel, prompts: list[str]) -> Float[Array, "
 
 def top_k(lm: LanguageModel, prompt: str, k: int = 5) -> list[dict]:
     """[{"token", "id", "prob"}] for the k most likely next tokens."""
-    if k <= 0:
-        raise InputError("--top-k must be positive")
+    if not 0 < k <= lm.config.vocab_size:
+        raise InputError(f"--top-k must be 1..{lm.config.vocab_size} (the vocabulary), got {k}")
     logp = np.asarray(next_token_logprobs(lm, [prompt])[0])
     ids = np.argsort(-logp)[:k]
     return [
@@ -187,6 +187,11 @@ def generate(
         raise InputError("empty prompt")
     if max_new_tokens <= 0:
         raise InputError("--max-new-tokens must be positive")
+    if max_new_tokens >= lm.config.max_positions:  # before anything is sized by it
+        raise InputError(
+            f"--max-new-tokens {max_new_tokens}: the model has {lm.config.max_positions} "
+            "positions in all, prompt included"
+        )
     prefix, rows = context_rows(lm, [prompt], extra_tokens=max_new_tokens)
     used = (0 if prefix is None else prefix.n_tokens) + len(rows[0]) + max_new_tokens
     if used > lm.config.max_positions:

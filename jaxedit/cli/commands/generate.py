@@ -1,4 +1,10 @@
-"""jaxedit generate: continue a prompt (greedy by default)."""
+"""jaxedit generate: continue a prompt (greedy by default).
+
+The completion is shown in bold on a terminal only: a pipe or a file gets plain text (and
+`NO_COLOR` turns the bold off everywhere, https://no-color.org)."""
+
+import os
+import sys
 
 from jaxedit.cli.shared import load_model
 from jaxedit.models.generate import generate
@@ -21,4 +27,6 @@ def run(args) -> dict:
 
 
 def render(r: dict) -> str:
-    return f"{r['prompt']}\033[1m{r['completion']}\033[0m"
+    if sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
+        return f"{r['prompt']}\033[1m{r['completion']}\033[0m"
+    return f"{r['prompt']}{r['completion']}"

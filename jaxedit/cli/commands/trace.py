@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import os
 
+from jaxedit import progress
 from jaxedit.cli.shared import load_model
 from jaxedit.errors import InputError
+from jaxedit.io.atomic import check_out_dir, write_text_atomic
 from jaxedit.locate import trace as tr
+
+MAX_SAMPLES = 1000  # corrupted runs: ROME uses 10; beyond this, memory rather than insight grows
 
 NAME = "trace"
 HELP = "causal tracing: where a fact is recalled (one prompt, or averages over a data set)"
@@ -24,6 +28,7 @@ def add_arguments(p):
     p.add_argument("--window", type=int, default=10, help="restored layers for mlp/attn")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="trace_out", help="output directory (default trace_out)")
+    p.add_argument("--force", action="store_true", help="overwrite the files of an earlier --out")
     p.add_argument("--format", default="png", choices=("png", "pdf"), help="figure format")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -32,13 +37,15 @@ def run(args) -> dict:
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     if args.data is None and (args.prompt is None or args.subject is None):
         raise InputError("give --prompt and --subject (one fact) or --data FILE (a data set)")
+    if args.data is not None and args.n <= 0:
+        raise InputError(f"--n must be >= 1, got {args.n}")
+    if not 1 <= args.samples <= MAX_SAMPLES:
+        raise InputError(f"--samples must be 1..{MAX_SAMPLES}, got {args.samples}")
+    check_out_dir(args.out, force=args.force, resumable=False)  # before the model loads
     lm = load_model(args)
     from jaxedit.locate import plots
 
-    os.makedirs(args.out, exist_ok=True)
     if args.data is not None:
-        if args.n <= 0:
-            raise InputError(f"--n must be >= 1, got {args.n}")
         # Read more records than --n: facts the model gets wrong are skipped, not traced.
         facts = tr.load_facts(args.data)
         summary, _ = tr.trace_dataset(
@@ -50,7 +57,7 @@ def run(args) -> dict:
             window=args.window,
             seed=args.seed,
             limit=args.n,
-            progress=not args.no_progress,
+            progress=progress.shown(),
         )
         if summary["n_facts"] == 0:
             raise InputError("the model predicted none of the facts correctly: nothing to average")
@@ -85,10 +92,7 @@ def _noise(text: str):
 
 
 def _write(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def render(r: dict) -> str:

@@ -55,6 +55,7 @@ def encode_at_subject(tok, template: str, prompt: str, subject: str) -> tuple[li
     """(token ids of template ∘ prompt(subject), index of the subject's last token)."""
     text, start, end = compose(template, prompt, subject)
     ids, offsets = tok.encode_with_offsets(text)
+    tok.check_fits(len(ids), text)
     return ids, subject_last_index(offsets, start, end)
 
 

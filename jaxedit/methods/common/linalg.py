@@ -56,6 +56,11 @@ def spd_solve(factor: SPDFactor, b: Float[np.ndarray, "F ..."]) -> Float[np.ndar
     F = factor.lower.shape[0]
     if b.shape[0] != F:
         raise InputError(f"the key second moment is {F}x{F}, the right-hand side has {b.shape[0]}")
+    if not np.all(np.isfinite(b)):  # no ridge helps: the activations themselves are not finite
+        raise InputError(
+            "the edit's key holds non-finite values: the model's activations are not finite "
+            "(NaN / inf weights, or a prompt beyond the model's positions)"
+        )
     x = scipy.linalg.cho_solve((factor.lower, True), b, check_finite=False)
     if not np.all(np.isfinite(x)):
         raise InputError("the solve gave non-finite values; set a ridge (hparams 'ridge', 1e-4)")

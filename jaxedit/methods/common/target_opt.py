@@ -122,6 +122,11 @@ def target_batch(
     rows, lookup, logit_pos = [], [], []
     for t in templates:
         ids, i = encode_at_subject(tok, t, prompt, subject)
+        tok.check_fits(
+            len(ids) + n - 1,
+            t.replace("{}", prompt.replace("{}", subject)),
+            "the prompt with its target",
+        )
         lookup.append(i)
         # teacher forcing; padded target slots repeat the last real position
         logit_pos.append([len(ids) - 1 + min(j, n - 1) for j in range(N)])
