@@ -3,9 +3,12 @@
 1. what the model believes (top predictions for a handful of facts);
 2. where it stores one of them: a causal trace (the MLP indirect effect per layer × token,
    drawn as a text heat map; PNG heat maps with `--out`);
-3. a ROME edit of that fact, with a before/after table on the edited prompt, a paraphrase, the
-   reverse-direction question and unrelated prompts;
+3. a ROME edit of that fact, with a before/after table on the edited prompt, its paraphrase,
+   the reverse-direction question, its neighbours and an unrelated prompt — the prompts that
+   step 4 scores for this fact, so the two steps tell the same story;
 4. before/after metrics after editing a few built-in facts (`jaxedit.locate.facts`).
+
+A bar on stderr names the step under way (steps 2 and 3 take tens of seconds on a laptop CPU).
 """
 
 from __future__ import annotations
@@ -14,27 +17,34 @@ import time
 
 import numpy as np
 
+from jaxedit import progress
 from jaxedit.cli.shared import load_model
+from jaxedit.errors import InputError
+from jaxedit.io.atomic import check_out_dir
+from jaxedit.locate.facts import FACTS as BUILTIN
 from jaxedit.models.generate import next_token_logprobs, top_k
 
 NAME = "demo"
 HELP = "tour of jaxedit on the embedded model: predict, trace, edit with ROME, evaluate"
 
-FACTS = (
+PROMPTS = (
     "The Eiffel Tower is located in the city of",
     "The capital of Germany is",
     "The Colosseum is located in the city of",
     "The Great Wall is located in the country of",
     "The currency of Japan is the",
 )
-EDIT = ("{} is located in the city of", "The Eiffel Tower", "Rome")
+FACT = BUILTIN[0]  # The Eiffel Tower -> Rome, the first built-in fact (edited again in step 4)
+EDIT = (FACT.prompt, FACT.subject, FACT.target_new)
 CHECKS = (
-    ("edited prompt", "The Eiffel Tower is located in the city of"),
-    ("paraphrase", "The Eiffel Tower stands in the city of"),
-    ("reverse question", "The most famous tower in Rome is the"),
+    ("edited prompt", FACT.rewrite_prompt),
+    *(("paraphrase", p.format(FACT.subject)) for p in FACT.paraphrase_prompts),
+    *(("reverse question", q.prompt) for q in FACT.reverse),
+    *(("neighbour", q.prompt) for q in FACT.neighborhood),
     ("unrelated", "The capital of Germany is"),
-    ("unrelated", "The Colosseum is located in the city of"),
 )
+STEPS = ("1/4 predictions", "2/4 causal trace", "3/4 ROME edit", "4/4 metrics")
+MAX_SAMPLES, MAX_TEMPLATES = 1000, 50
 _SHADES = " .:-=+*#%@"
 
 
@@ -50,6 +60,19 @@ def add_arguments(p):
     )
     p.add_argument("--n-facts", type=int, default=2, help="built-in facts edited for the table")
     p.add_argument("--out", default=None, help="also write the trace heat maps (PNG) here")
+    p.add_argument("--force", action="store_true", help="overwrite the files of an earlier --out")
+
+
+def _check(args) -> None:
+    """Sizes within reason, before the model loads."""
+    if not 1 <= args.samples <= MAX_SAMPLES:
+        raise InputError(f"--samples must be 1..{MAX_SAMPLES}, got {args.samples}")
+    if not 0 <= args.templates <= MAX_TEMPLATES:
+        raise InputError(f"--templates must be 0..{MAX_TEMPLATES}, got {args.templates}")
+    if not 1 <= args.n_facts <= len(BUILTIN):
+        raise InputError(f"--n-facts must be 1..{len(BUILTIN)} (the built-in facts)")
+    if args.out:
+        check_out_dir(args.out, force=args.force, resumable=False)
 
 
 def _tops(lm, prompts: list[str]) -> list[tuple[str, float]]:
@@ -59,24 +82,32 @@ def _tops(lm, prompts: list[str]) -> list[tuple[str, float]]:
 
 
 def run(args) -> dict:
+    _check(args)
+    steps = progress.Steps(STEPS[:1] if args.quick else STEPS, desc="demo ")
+    with steps:
+        return _run(args, steps)
+
+
+def _run(args, steps: progress.Steps) -> dict:
     from jaxedit import methods
     from jaxedit.edits import apply
     from jaxedit.eval.runner import quick_table
     from jaxedit.locate import facts
     from jaxedit.locate.trace import trace
-    from jaxedit.requests import EditRequest
 
     t0 = time.time()
-    lm = load_model(args)
-    result: dict = {"model": lm.name, "predictions": []}
-    for prompt in FACTS:
-        result["predictions"].append({"prompt": prompt, "top": top_k(lm, prompt, args.top_k)})
+    with steps.step(STEPS[0]):
+        lm = load_model(args)
+        result: dict = {"model": lm.name, "predictions": []}
+        for prompt in PROMPTS:
+            result["predictions"].append({"prompt": prompt, "top": top_k(lm, prompt, args.top_k)})
     if args.quick:
         result["seconds"] = round(time.time() - t0, 1)
         return result
 
     prompt, subject, target = EDIT
-    tr = trace(lm, prompt.format(subject), subject, samples=args.samples)
+    with steps.step(STEPS[1]):
+        tr = trace(lm, prompt.format(subject), subject, samples=args.samples)
     result["trace"] = {
         "tokens": tr["tokens"],
         "subject_range": list(tr["subject_range"]),
@@ -93,15 +124,15 @@ def run(args) -> dict:
 
     # The preset's 20 generated context templates make an edit take a minute or more on a
     # laptop CPU; the demo uses 5 (the bare prompt + 5 short prefixes), said in its output.
-    rome = methods.get("rome")
-    hp = rome.hparams(lm, context_template_length_params=((5, args.templates),))
-    state = rome.prepare(lm, hp, progress=not args.json)
-    request = EditRequest(prompt=prompt, subject=subject, target_new=target)
-    t1 = time.time()
-    edit, info = rome.compute(lm, state, [request])
-    edited = apply(lm, edit)
-    check_prompts = [p for _, p in CHECKS]
-    before, after = _tops(lm, check_prompts), _tops(edited, check_prompts)
+    with steps.step(STEPS[2]):
+        rome = methods.get("rome")
+        hp = rome.hparams(lm, context_template_length_params=((5, args.templates),))
+        state = rome.prepare(lm, hp, progress=progress.shown())
+        t1 = time.time()
+        edit, info = rome.compute(lm, state, [FACT])
+        edited = apply(lm, edit)
+        check_prompts = [p for _, p in CHECKS]
+        before, after = _tops(lm, check_prompts), _tops(edited, check_prompts)
     result["edit"] = {
         "request": {"prompt": prompt, "subject": subject, "target_new": target},
         "layer": info["layer"],
@@ -114,13 +145,15 @@ def run(args) -> dict:
         ],
     }
 
-    known = facts.known(lm)[: args.n_facts]
-    t2 = time.time()
-    edit_all, _ = rome.compute(lm, state, known)
-    edited_all = apply(lm, edit_all)
+    with steps.step(STEPS[3]):
+        known = facts.known(lm)[: args.n_facts]
+        t2 = time.time()
+        edit_all, _ = rome.compute(lm, state, known)
+        edited_all = apply(lm, edit_all)
+        table = quick_table(lm, edited_all, known)
     result["metrics"] = {
         "facts": [f.rewrite_prompt + " -> " + f.target_new for f in known],
-        "table": quick_table(lm, edited_all, known),
+        "table": table,
         "seconds": round(time.time() - t2, 1),
     }
     result["seconds"] = round(time.time() - t0, 1)
