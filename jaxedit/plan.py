@@ -193,7 +193,7 @@ def default_workload(
         b = pick("batch", batch, None, _round_up(8 if op == "forward" else 16, rows), "default")
         t = pick("length", length, None, 512 if op == "forward" else 256, "default")
         lay = pick("layer", layer, rome_layer, L // 4, "n_layers // 4 (no ROME preset)")
-        return Workload(op, b, t, min(lay, L - 1), source=src)
+        return Workload(op, b, t, lay, source=src)
     if op == "trace":
         b = pick("batch", batch, None, 1, "one prompt")
         t = pick("length", length, None, 32, "default")
@@ -539,7 +539,7 @@ def _main(argv: list[str]) -> None:
 # ----------------------------------------------------------------------------- rendering
 
 
-def fmt_bytes(n: float) -> str:
+def fmt_bytes(n: int | float) -> str:
     for unit, scale in (("TiB", 1 << 40), ("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
