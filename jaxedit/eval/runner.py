@@ -19,6 +19,12 @@ per mode:
 - `run_batch` (MEMIT-style mass editing): `method.compute` (stateless) on chunks of
   `batch_size` requests (whole groups), each chunk measured on its own edited model.
 
+Answer metrics by generation (`measure.measure_generated`: greedy continuations of every
+prompt a case is scored on, `*_gen`) run with `gen_metrics=True`, and by default with
+`generation` (`jaxedit eval` also turns them on for runs of at most `GEN_METRICS_MAX_CASES`
+cases); the unedited model's continuations are decoded once for all cases, the edited model's
+per case (per chunk / on the final model in batch / sequential mode), in batched calls.
+
 Every run also measures general ability, unedited vs edited (`jaxedit.eval.general`:
 perplexity of a fixed text, accuracy on facts the run does not edit, fluency); the edited
 model is the final one (sequential) or the one after the last edit (independent, batch).
@@ -58,13 +64,23 @@ from jaxedit.eval.datasets import group_cases
 from jaxedit.eval.datasets.snippets import AttributeSnippets
 from jaxedit.eval.general import GeneralSuite, measure_general
 from jaxedit.eval.generation import Decoding, generation_metrics
-from jaxedit.eval.measure import Scores, case_metrics, is_known, measure
+from jaxedit.eval.measure import (
+    GEN_MARGIN,
+    GenScores,
+    Scores,
+    case_metrics,
+    gen_case_metrics,
+    is_known,
+    measure,
+    measure_generated,
+)
 from jaxedit.eval.metrics import TfIdf
 from jaxedit.methods.base import EditMethod
 from jaxedit.models.lm import LanguageModel
 from jaxedit.requests import EditRequest
 
 MODES = ("independent", "sequential", "batch")
+GEN_METRICS_MAX_CASES = 200  # `jaxedit eval`: answer metrics by generation up to this many cases
 LIFELONG_DIR = "lifelong"
 PROGRESS_FORMAT = "jaxedit-lifelong-progress"
 
@@ -188,6 +204,7 @@ class _Run:
     base_general: dict | None = None
     last_general: dict | None = None  # the general block of the model after the last edit
     general_seconds: float = 0.0  # spent measuring edited models' general blocks
+    gen_base: dict[int, GenScores] | None = None  # unedited continuations (None: no *_gen)
 
     def edit(self, lm: LanguageModel, reqs: list[EditRequest]) -> tuple[LanguageModel, dict]:
         """`method.compute` (stateless) applied to `lm`."""
@@ -216,10 +233,14 @@ class _Run:
         self.general_seconds += time.time() - t0
         return out
 
-    def record(self, reqs, posts, secs: float | None, edited: LanguageModel, info: dict) -> None:
-        """Per-case metrics (edited and unedited) into the rows and the log."""
+    def record(
+        self, reqs, posts, secs: float | None, edited: LanguageModel, info: dict, gens=None
+    ) -> None:
+        """Per-case metrics (edited and unedited) into the rows and the log (`gens`: the
+        continuations on `edited` when already decoded)."""
         info = report.as_jsonable(info)  # as a resumed run reads it back
-        for r, post in zip(reqs, posts, strict=True):
+        gens = self.generated(edited, reqs) if gens is None else gens
+        for k, (r, post) in enumerate(zip(reqs, posts, strict=True)):
             pre = self.baseline[id(r)]
             row = {
                 "case_id": r.case_id,
@@ -228,6 +249,11 @@ class _Run:
                 "seconds": secs,
                 "edit": info,
             }
+            if gens is not None:
+                g, g0 = gens[k], self.gen_base[id(r)]
+                row["metrics"] |= gen_case_metrics(r, g, g0)
+                row["baseline"] |= gen_case_metrics(r, g0, g0)
+                row["continuations"] = {"/".join(map(str, key)): s.text for key, s in g.items()}
             if self.generation is not None:
                 base, base_texts = self._base_generation(r)
                 gen, texts = (
@@ -241,12 +267,27 @@ class _Run:
             self.rows.append(row)
             self.log.append(row)
 
-    def summary(self, edited: LanguageModel, reqs: list[EditRequest]) -> dict:
-        """The summary metrics of `reqs` measured on `edited` (a curve point)."""
-        posts = self.scores(edited, reqs)
-        per_case = [
-            case_metrics(r, p, self.baseline[id(r)]) for r, p in zip(reqs, posts, strict=True)
-        ]
+    def generated(self, edited: LanguageModel, reqs) -> list[GenScores] | None:
+        """The greedy continuations of `reqs` on `edited` (None when the run has no *_gen)."""
+        if self.gen_base is None:
+            return None
+        if self.unchanged(edited):
+            return [self.gen_base[id(r)] for r in reqs]
+        return measure_generated(edited, reqs)
+
+    def summary(
+        self, edited: LanguageModel, reqs: list[EditRequest], posts=None, gens=None
+    ) -> dict:
+        """The summary metrics of `reqs` measured on `edited` (a curve point; `posts` / `gens`:
+        its scores / continuations when already measured)."""
+        posts = self.scores(edited, reqs) if posts is None else posts
+        gens = self.generated(edited, reqs) if gens is None else gens
+        per_case = []
+        for k, (r, p) in enumerate(zip(reqs, posts, strict=True)):
+            m = case_metrics(r, p, self.baseline[id(r)])
+            if gens is not None:
+                m |= gen_case_metrics(r, gens[k], self.gen_base[id(r)])
+            per_case.append(m)
         return report.summarize(per_case)
 
     def _base_generation(self, r: EditRequest) -> tuple[dict, list[str]]:
@@ -351,17 +392,16 @@ def run_sequential(
         ckpt.save(k + 1, rounds[: k + 1], acc, state, infos, curve, round_secs, elapsed())
         run.bar.update(1)
     flat = [r for rr in rounds for r in rr]
-    posts = run.scores(cur, flat)
+    posts, gens = run.scores(cur, flat), run.generated(cur, flat)
     i = 0
     for reqs, info in zip(rounds, infos, strict=True):
-        run.record(reqs, posts[i : i + len(reqs)], None, cur, info)
-        i += len(reqs)
+        j = i + len(reqs)
+        run.record(reqs, posts[i:j], None, cur, info, None if gens is None else gens[i:j])
+        i = j
     run.last_general = run.general_of(cur)
-    if every:  # the last point: the final scores (without generation metrics, as the others)
-        per_case = [
-            case_metrics(r, q, run.baseline[id(r)]) for r, q in zip(flat, posts, strict=True)
-        ]
-        point = {"edits": len(flat), "rounds": len(rounds), "metrics": report.summarize(per_case)}
+    if every:  # the last point: the final scores (without fluency, as the others)
+        metrics = run.summary(cur, flat, posts, gens)
+        point = {"edits": len(flat), "rounds": len(rounds), "metrics": metrics}
         curve.append(point | {"general": run.last_general, "seconds": elapsed()})
         run.log.append({"curve": curve[-1]})
     run.seconds.extend(round_secs)
@@ -488,6 +528,7 @@ def evaluate(
     general: GeneralSuite | bool = True,
     max_cases: int | None = None,
     info: dict | None = None,
+    gen_metrics: bool | None = None,
 ) -> dict:
     """Run an evaluation; returns the results dict (also written to `out` when given).
 
@@ -511,6 +552,8 @@ def evaluate(
         max_cases: keep at most this many cases after the filters (known_only, conflicts).
         info: extra JSON-able fields for results.json (data path, hparams, seed, ...); a
             resumed run must match them.
+        gen_metrics: measure the answer metrics by greedy generation (`*_gen`); None: when
+            `generation` is given.
     Returns:
         {run header..., "n_dropped", "metrics", "baseline" (summaries: {name: {mean, std,
         n}}), "general": {"edited", "unedited", "model", "seconds"} or None (what it
@@ -574,6 +617,11 @@ def evaluate(
     bar = _progress(total, progress, f"{method.name} {mode}", unit)
     run = _Run(lm, method, state, baseline, log, gen, suite, bar, resume, t_start)
     run.base_general = base_general
+    if gen_metrics is None:
+        gen_metrics = generation is not None
+    if gen_metrics:
+        kept = [r for g in groups for r in g]
+        run.gen_base = dict(zip(map(id, kept), measure_generated(lm, kept), strict=True))
     seq: dict = {}
     try:
         if mode == "independent":
@@ -601,6 +649,7 @@ def evaluate(
         "metrics": report.summarize([r["metrics"] for r in run.rows]),
         "baseline": report.summarize([r["baseline"] for r in run.rows]),
         "general": general_block,
+        "gen_metrics": {"margin_tokens": GEN_MARGIN, "decoding": "greedy"} if gen_metrics else None,
         "seconds": {
             "per_edit": _spread(run.seconds),
             "total": seq.get("before", 0.0) + time.time() - t_start,
