@@ -4,10 +4,13 @@
     jaxedit eval --method ike --set demos=pool.json --data DATA --mode sequential --every 10
     jaxedit eval --method alphaedit --data DATA --n 2000 --mode sequential --batch-size 100 \
         --every 5 --out runs/alphaedit   # lifelong: 20 rounds of 100; --resume continues it
+    jaxedit eval --compare runs/rome runs/memit ... [--out runs/compare]   # one table + plot
 
 The method runs through the protocol only (`jaxedit.methods`: hparams -> prepare -> compute ->
 `jaxedit.apply`); its settings come from its hparams dataclass (`--hparams PRESET|FILE`,
-`--set key=value`), and results.json records them. `--generation` adds fluency (ROME's
+`--set key=value`), and results.json records them. Answer metrics by greedy generation
+(`*_gen`: does the continuation begin with the answer) come with `--generation` and with any
+run of at most 200 cases (`runner.GEN_METRICS_MAX_CASES`). `--generation` also adds fluency (ROME's
 decoding by default: top-k 5 sampling, 100 tokens, seeded by `--seed`); with `--snippets
 attribute_snippets.json` (ROME's file) also consistency, on data that carries relation and
 target ids (ROME-form CounterFact, MQuAKE).
@@ -31,7 +34,7 @@ from pathlib import Path
 from jaxedit.cli.method_args import add_method_arguments, hparams_json, method_and_hparams
 from jaxedit.cli.shared import load_model
 from jaxedit.errors import InputError
-from jaxedit.eval import datasets, general, report, runner
+from jaxedit.eval import compare, datasets, general, report, runner
 from jaxedit.eval.datasets.snippets import load_snippets
 from jaxedit.eval.generation import DECODINGS, DEFAULT_DECODING, Decoding
 
@@ -130,6 +133,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"known facts measured (seeded sample; default {general.N_KNOWN_FACTS})",
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RUN_DIR",
+        default=None,
+        help="instead of evaluating: one table (Markdown + PNG plot) of these runs' results, "
+        "with the unedited rows; written to --out (default runs/compare)",
+    )
 
 
 def _select(args) -> datasets.Dataset:
@@ -182,7 +193,18 @@ def _general(args, ds: datasets.Dataset) -> general.GeneralSuite | None:
     return general.GeneralSuite.default(**kw)
 
 
+def _n_cases(args, ds: datasets.Dataset) -> int:
+    """The most cases this run can evaluate (before --known-only drops any)."""
+    n = len(datasets.group_cases(ds.requests))
+    return n if args.max_cases is None else min(n, args.max_cases)
+
+
 def run(args) -> dict:
+    if args.compare:
+        if args.data:
+            raise InputError("--compare reads finished runs' directories: drop --data")
+        out = args.out or str(Path("runs") / "compare")
+        return {"compare": compare.compare(args.compare, out)}
     ds = _select(args)
     suite = _general(args, ds)
     decoding = _decoding(args)
@@ -207,6 +229,7 @@ def run(args) -> dict:
         generation=decoding,
         snippets=snippets,
         general=suite or False,
+        gen_metrics=decoding is not None or _n_cases(args, ds) <= runner.GEN_METRICS_MAX_CASES,
         info={
             "data": ds.path,
             "format": ds.format,
@@ -221,4 +244,7 @@ def run(args) -> dict:
 
 
 def render(r: dict) -> str:
+    if "compare" in r:
+        c = r["compare"]
+        return c["markdown"] + "\n\n(written to " + ", ".join(c["files"]) + ")"
     return report.render(r) + f"\n(results in {r['out']}/results.json, results.md)"
