@@ -59,7 +59,7 @@ def shown() -> bool:
     return _SHOWN.get()
 
 
-def duration(seconds: float) -> str:
+def duration(seconds: float | int) -> str:
     """'850 ms', '12 s', '3.5 min', '1.2 h'."""
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"

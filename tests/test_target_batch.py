@@ -127,9 +127,9 @@ def test_most_probable_early_stopping(smollm, which):
     mpes = dataclasses.replace(plain, stop_when_argmax=True)
     run = lambda s: target_opt.target_value(smollm, SITE, LAYER, request, TEMPLATES, s)
     full = run(plain)
-    compiled = target_opt.optimise_jit._cache_size()
+    compiled = target_opt.run_steps_jit._cache_size()
     early = run(mpes)
-    assert target_opt.optimise_jit._cache_size() == compiled
+    assert target_opt.run_steps_jit._cache_size() == compiled
     assert early.target_argmax and early.steps < full.steps
     assert argmax_on_every_template(smollm, request, early.delta)
     before = run(dataclasses.replace(plain, steps=early.steps - 1))

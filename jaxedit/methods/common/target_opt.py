@@ -21,14 +21,16 @@ reference code counts correct (row, token) pairs over the rows after the first a
 five: every such row for one-token targets and MEMIT's 1 + 5 templates. Here every row, the
 bare prompt's too, and every target token must be right.)
 
-How it runs: the whole loop is one `lax.while_loop` inside `jit`. Each step runs only what δ
-can change — blocks l..L-1 on the positions from each row's last subject token on — over the
-unedited model's keys/values of the earlier positions, computed once by `clean_run` (`Suffix`):
-positions before the subject token never attend to it (causal attention) and layers below l
-never see δ. Under `grad` the blocks keep only matmul outputs (`dots_saveable`, in
-`run_layers`). `optimise` is pure in arrays (no Python branching on values), so batches of
-requests can be `jax.vmap`ped through it: `target_values` pads up to `lanes` requests to common
-shapes and runs them as one compiled call, a request per lane (MEMIT's z for a whole batch).
+How it runs: the whole loop is one `lax.while_loop` inside `jit` (`run_steps`; with a progress
+bar it is called one step at a time, its state carried from call to call: the same result).
+Each step runs only what δ can change — blocks l..L-1 on the positions from each row's last
+subject token on — over the unedited model's keys/values of the earlier positions, computed
+once by `clean_run` (`Suffix`): positions before the subject token never attend to it (causal
+attention) and layers below l never see δ. Under `grad` the blocks keep only matmul outputs
+(`dots_saveable`, in `run_layers`). `optimise` is pure in arrays (no Python branching on
+values), so batches of requests can be `jax.vmap`ped through it: `target_values` pads up to
+`lanes` requests to common shapes and runs them as one compiled call, a request per lane
+(MEMIT's z for a whole batch).
 
 Deliberate differences from the reference: targets of 1..N tokens are padded to a power of two
 (weight 0) so that one compile serves them; ‖·‖ has gradient 0 at δ = 0 (as torch's).
@@ -36,7 +38,6 @@ Deliberate differences from the reference: targets of 1..N tokens are padded to 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -48,6 +49,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxedit import progress as _progress
 from jaxedit.errors import InputError
 from jaxedit.io.tokenizer import fine_bucket
 from jaxedit.methods.common.keys import encode_at_subject, right_pad
@@ -227,7 +229,25 @@ class OptResult(NamedTuple):
     target_argmax: Bool[Array, ""]  # every target token the argmax on every template row
 
 
-def optimise(
+class Carry(NamedTuple):
+    """The optimisation loop's state between steps (and between `run_steps` calls)."""
+
+    it: Int[Array, ""]  # loss evaluations so far
+    delta: Float[Array, " D"]
+    opt_state: optax.OptState
+    done: Bool[Array, ""]
+    last: tuple  # (loss, (nll, kl, decay, target_prob, argmax)) at the last evaluation
+
+
+def init_carry(D: int) -> Carry:
+    """δ = 0 before the first step (Adam's state does not depend on the learning rate)."""
+    delta0 = jnp.zeros((D,), jnp.float32)
+    zero = jnp.float32(0.0)
+    aux0 = (zero, zero, zero, zero, jnp.bool_(False))
+    return Carry(jnp.int32(0), delta0, optax.adam(0.0).init(delta0), jnp.bool_(False), (zero, aux0))
+
+
+def run_steps(
     cfg: ModelConfig,
     site: str,
     layer: int,
@@ -238,12 +258,13 @@ def optimise(
     kl_init: Float[Array, "K V"],
     v0: Float[Array, " D"],
     hp: dict,
-) -> OptResult:
-    """δ minimising NLL + kl_factor·KL + weight decay by Adam in one `lax.while_loop`.
-
-    Each loss evaluation runs blocks l..L-1 on the suffixes only (`run_layers` over the
-    unedited prefix cache): exactly the full forward's logits at the target positions.
-    `hp` is `TargetSettings.arrays()`. Pure in its array arguments (vmappable)."""
+    carry: Carry,
+    until: Int[Array, ""],
+) -> Carry:
+    """Steps of the optimisation from `carry` until it stops or has made `until` loss
+    evaluations: `optimise` in slices, so that the host can report progress between calls
+    (`until` is traced: every slice runs the same compiled loop, and slices give exactly the
+    result of one run to the end). Pure in its array arguments (vmappable)."""
     B, S = suffix.mask.shape
     R, K = targets.shape[0], kl_init.shape[0]
     L, D = cfg.n_layers, cfg.d_model
@@ -281,13 +302,9 @@ def optimise(
         return loss, (nll, kl, decay, jnp.mean(jnp.exp(-nll_each)), argmax)
 
     opt = optax.adam(hp["lr"])
-    delta0 = jnp.zeros((D,), jnp.float32)
-    zero = jnp.float32(0.0)
-    aux0 = (zero, zero, zero, zero, jnp.bool_(False))
-    init = (jnp.int32(0), delta0, opt.init(delta0), jnp.bool_(False), (zero, aux0))
 
-    def body(carry):
-        it, delta, opt_state, done, last = carry
+    def body(c: Carry) -> Carry:
+        it, delta, opt_state, done, last = c
         (loss, aux), grad = jax.value_and_grad(loss_fn, has_aux=True)(delta)
         # As the reference: check the loss (and, with MPES, the argmax) first, stop before
         # updating.
@@ -305,7 +322,7 @@ def optimise(
         # Under vmap the loop runs until every request has stopped: a request that is `done`
         # keeps its state, step count and last loss exactly (never true without vmap).
         frozen = lambda a, b: jnp.where(done, a, b)
-        return (
+        return Carry(
             jnp.where(done, it, it + 1),
             keep(delta, new),
             jax.tree.map(keep, opt_state, new_state),
@@ -313,40 +330,66 @@ def optimise(
             jax.tree.map(frozen, last, (loss, aux)),
         )
 
-    it, delta, _, _, (loss, aux) = jax.lax.while_loop(lambda c: ~c[3], body, init)
-    return OptResult(delta, it, loss, *aux)
+    return jax.lax.while_loop(lambda c: ~c.done & (c.it < until), body, carry)
 
 
-optimise_jit = jax.jit(optimise, static_argnums=(0, 1, 2))
+def result_of(c: Carry) -> OptResult:
+    loss, aux = c.last
+    return OptResult(c.delta, c.it, loss, *aux)
 
 
-def _one_request(
+def optimise(
     cfg: ModelConfig,
     site: str,
     layer: int,
-    S: int,
     params: Params,
-    tokens: Int[Array, "B T"],
-    mask: Bool[Array, "B T"],
-    lookup: Int[Array, " B"],
-    logit_pos: Int[Array, "B N"],
+    suffix: Suffix,
     targets: Int[Array, "R N"],
     weights: Float[Array, " N"],
+    kl_init: Float[Array, "K V"],
+    v0: Float[Array, " D"],
     hp: dict,
-) -> tuple[Float[Array, " D"], OptResult]:
-    """v₀ and the optimisation of one request from its rows: `clean_run`, then `optimise`
-    (two jitted calls when run alone, inlined when vmapped inside `_lanes`)."""
-    values_bd, logp_bv, suffix = clean_run(
-        cfg, site, layer, S, params, tokens, mask, lookup, logit_pos
+) -> OptResult:
+    """δ minimising NLL + kl_factor·KL + weight decay by Adam in one `lax.while_loop`.
+
+    Each loss evaluation runs blocks l..L-1 on the suffixes only (`run_layers` over the
+    unedited prefix cache): exactly the full forward's logits at the target positions.
+    `hp` is `TargetSettings.arrays()`. Pure in its array arguments (vmappable)."""
+    carry = init_carry(cfg.d_model)
+    args = (cfg, site, layer, params, suffix, targets, weights, kl_init, v0, hp)
+    return result_of(run_steps(*args, carry, hp["steps"]))
+
+
+optimise_jit = jax.jit(optimise, static_argnums=(0, 1, 2))
+run_steps_jit = jax.jit(run_steps, static_argnums=(0, 1, 2))
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def run_steps_lanes(
+    cfg: ModelConfig,
+    site: str,
+    layer: int,
+    params: Params,
+    suffix: Suffix,
+    targets: Int[Array, "C R N"],
+    weights: Float[Array, "C N"],
+    kl_init: Float[Array, "C K V"],
+    v0: Float[Array, "C D"],
+    hp: dict,
+    carry: Carry,
+    until: Int[Array, ""],
+) -> Carry:
+    """`run_steps` for C requests of one shape at once, a request per lane (the matmuls of
+    every lane's rows run as one; the loop runs until the slowest lane stops, `run_steps`
+    freezes the others)."""
+    one = partial(run_steps, cfg, site, layer, params)
+    return jax.vmap(one, in_axes=(0, 0, 0, 0, 0, None, 0, None))(
+        suffix, targets, weights, kl_init, v0, hp, carry, until
     )
-    R = targets.shape[0]
-    v0 = values_bd[0]  # the bare prompt's value (templates[0] is "{}")
-    r = optimise_jit(cfg, site, layer, params, suffix, targets, weights, logp_bv[R:], v0, hp)
-    return v0, r
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _lanes(
+def clean_run_lanes(
     cfg: ModelConfig,
     site: str,
     layer: int,
@@ -356,17 +399,10 @@ def _lanes(
     mask: Bool[Array, "C B T"],
     lookup: Int[Array, "C B"],
     logit_pos: Int[Array, "C B N"],
-    targets: Int[Array, "C R N"],
-    weights: Float[Array, "C N"],
-    hp: dict,
-) -> tuple[Float[Array, "C D"], OptResult]:
-    """`_one_request` for C requests of one shape at once, a request per lane: the matmuls of
-    every lane's rows run as one, the loop runs until the slowest lane stops (`optimise`
-    freezes the others)."""
-    one = partial(_one_request, cfg, site, layer, S, params)
-    return jax.vmap(one, in_axes=(0, 0, 0, 0, 0, 0, None))(
-        tokens, mask, lookup, logit_pos, targets, weights, hp
-    )
+) -> tuple[Float[Array, "C B D"], Float[Array, "C B V"], Suffix]:
+    """`clean_run` of C requests' rows, a request per lane."""
+    one = partial(clean_run, cfg, site, layer, S, params)
+    return jax.vmap(one)(tokens, mask, lookup, logit_pos)
 
 
 def pad_batch(b: TargetBatch, T: int, N: int) -> TargetBatch:
@@ -458,18 +494,23 @@ def target_values(
     kl_prompts: tuple[str, ...] = ("{} is a",),
     *,
     lanes: int = 16,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> list[TargetValue]:
     """Optimise δ for each request, `lanes` requests per compiled call (MEMIT's z for a batch).
 
     Requests are grouped by shape (suffix length, target slots), then each group of up to
-    `lanes` runs as one vmapped `clean_run` + `optimise`, every request in its own lane: the
+    `lanes` runs as one vmapped `clean_run` + `run_steps`, every request in its own lane: the
     rows are widened to the group's common shapes (`pad_batch`, `suffix_length`; all rounded
     to buckets, so compiles repeat), which changes no result beyond float rounding. A last,
     smaller group runs in a power of two of lanes, the spare lanes copies of a real request
     (results dropped; a copy stops with its original, so it never prolongs the loop). A group
     of one runs unvmapped: `target_value` is `target_values` of one request. Results come
-    back in the order of `requests`. `progress` shows a bar over requests on stderr.
+    back in the order of `requests`.
+
+    `progress` (None: `jaxedit.progress.shown()`, the command line's choice) shows a bar over
+    the steps on stderr, moved from the host between compiled calls of one step each (the
+    loop's state goes from call to call: the same result as one call to the end); without it
+    each group is one call, dispatched before the previous group is read back.
     """
     _check_site(lm, site, layer)
     if lanes < 1:
@@ -483,24 +524,20 @@ def target_values(
     S_each = [suffix_length(b) for b in batches]
     # Similar shapes share a call: less padding, and a call's loop runs as long as its slowest lane.
     order = sorted(range(len(batches)), key=lambda i: (S_each[i], batches[i].weights.shape[0]))
+    groups = [order[lo : lo + lanes] for lo in range(0, len(order), lanes)]
     hp = settings.arrays()
     out: list[TargetValue | None] = [None] * len(batches)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    show = _progress.shown() if progress is None else progress
+    total = len(groups) * settings.steps
+    bar = _progress.bar(total, f"target values L{layer}", "step", enabled=show)
 
-        bar = tqdm(total=len(batches), unit="req", desc=f"target values L{layer}", file=sys.stderr)
-
-    def collect(idx, v0, r):
-        v0, r = jax.device_get((v0, r))
+    def collect(idx, v0, c: Carry):
+        v0, r = jax.device_get((v0, result_of(c)))
         for lane, i in enumerate(idx):
             out[i] = _target_value(site, layer, v0[lane], OptResult(*(a[lane] for a in r)))
-        if bar is not None:
-            bar.update(len(idx))
 
-    pending = None  # dispatch call c+1 before reading call c back
-    for lo in range(0, len(order), lanes):
-        idx = order[lo : lo + lanes]
+    pending = None  # dispatch group g+1 before reading group g back
+    for g, idx in enumerate(groups):
         C = min(lanes, 1 << (len(idx) - 1).bit_length())
         lane_idx = idx + [idx[0]] * (C - len(idx))
         T = max(batches[i].tokens.shape[1] for i in lane_idx)
@@ -508,17 +545,61 @@ def target_values(
         S = max(S_each[i] for i in lane_idx)
         group = [pad_batch(batches[i], T, N) for i in lane_idx]
         args = [np.stack([getattr(b, f) for b in group]) for f in _FIELDS]
-        if C == 1:  # no vmap: the two jitted calls of a single request
-            one = (jnp.asarray(a[0]) for a in args)
-            v0, r = _one_request(lm.config, site, layer, S, lm.params, *one, hp)
-            v0, r = v0[None], OptResult(*(a[None] for a in r))
+        run, carry, v0 = _group_loop(lm, site, layer, S, args, hp)
+        if not bar.enabled:
+            carry = run(carry, settings.steps)
         else:
-            v0, r = _lanes(lm.config, site, layer, S, lm.params, *args, hp)
+            for n in range(1, settings.steps + 1):
+                carry = run(carry, n)
+                its, dones, loss = jax.device_get((carry.it, carry.done, carry.last[0]))
+                bar.update(g * settings.steps + int(np.max(its)) - bar.bar.n)
+                bar.postfix(f"{g * lanes + len(idx)}/{len(order)} req, loss {np.mean(loss):.3f}")
+                if np.all(dones):
+                    break
+            bar.update((g + 1) * settings.steps - bar.bar.n)
         if pending is not None:
             collect(*pending)
-        pending = (idx, v0, r)
+        pending = (idx, v0, carry)
     if pending is not None:
         collect(*pending)
-    if bar is not None:
-        bar.close()
+    bar.close()
     return out
+
+
+def _group_loop(lm: LanguageModel, site: str, layer: int, S: int, args, hp: dict):
+    """For one group's stacked rows (`_FIELDS`, C lanes): the unedited run (dispatched), then
+    (run(carry, until) -> carry, the initial carry, v0 [C D]). One lane runs unvmapped;
+    its carry and v0 are given and returned with a leading lane axis of 1."""
+    cfg, params = lm.config, lm.params
+    C, R = args[0].shape[0], args[4].shape[1]
+    if C == 1:
+        tokens, mask, lookup, logit_pos, targets, weights = (jnp.asarray(a[0]) for a in args)
+        values, logp, suffix = clean_run(
+            cfg, site, layer, S, params, tokens, mask, lookup, logit_pos
+        )
+        v0, kl_init = values[0], logp[R:]
+        lane0 = lambda tree: jax.tree.map(lambda a: a[0], tree)
+        add_lane = lambda tree: jax.tree.map(lambda a: a[None], tree)
+
+        def run(carry: Carry, until: int) -> Carry:
+            c = run_steps_jit(
+                cfg, site, layer, params, suffix, targets, weights, kl_init, v0, hp,
+                lane0(carry), jnp.int32(until),
+            )  # fmt: skip
+            return add_lane(c)
+
+        return run, add_lane(init_carry(cfg.d_model)), v0[None]
+    tokens, mask, lookup, logit_pos, targets, weights = args
+    values, logp, suffix = clean_run_lanes(
+        cfg, site, layer, S, params, tokens, mask, lookup, logit_pos
+    )
+    v0, kl_init = values[:, 0], logp[:, R:]
+
+    def run(carry: Carry, until: int) -> Carry:
+        return run_steps_lanes(
+            cfg, site, layer, params, suffix, targets, weights, kl_init, v0, hp, carry,
+            jnp.int32(until),
+        )  # fmt: skip
+
+    carry = jax.tree.map(lambda a: jnp.broadcast_to(a, (C, *a.shape)), init_carry(cfg.d_model))
+    return run, carry, v0

@@ -1,0 +1,125 @@
+"""Progress on stderr (`jaxedit.progress`): when bars show, the estimate after the first item,
+the v* / z steps reported between compiled calls with the same result, bars from commands."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from conftest import tiny_llama_config
+
+import jaxedit as je
+from jaxedit import progress
+from jaxedit.cli.main import main
+from jaxedit.methods import rome
+from jaxedit.methods.common import target_opt
+from jaxedit.models.transformer import init_params
+from jaxedit.requests import EditRequest
+
+FIXED = ("{}", "The following is true. {}")
+REQUESTS = (
+    EditRequest(
+        prompt="{} is located in the city of", subject="The Eiffel Tower", target_new="Rome"
+    ),
+    EditRequest(prompt="The language of {} is", subject="D. Darrieux", target_new="Rio de Janeiro"),
+    EditRequest(prompt="{} was written by", subject="Hamlet", target_new="Charles Dickens"),
+)
+
+
+class Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm):
+    cfg = tiny_llama_config(smollm.config.vocab_size)
+    return je.LanguageModel("tiny", cfg, init_params(cfg, 0), smollm.tokenizer)
+
+
+def test_bars_on_a_terminal_only_unless_told(monkeypatch):
+    monkeypatch.delenv(progress.ENV, raising=False)
+    assert progress.wanted(stream=Stream(tty=True))
+    assert not progress.wanted(stream=Stream(tty=False))  # a pipe or a log: no bar
+    assert not progress.wanted(no_progress=True, stream=Stream(tty=True))
+    monkeypatch.setenv(progress.ENV, "1")
+    assert progress.wanted(stream=Stream(tty=False))
+    assert not progress.wanted(no_progress=True, stream=Stream(tty=False))
+    monkeypatch.setenv(progress.ENV, "0")
+    assert not progress.wanted(stream=Stream(tty=True))
+
+
+def test_scope_sets_what_deep_loops_show():
+    assert not progress.shown()  # library calls stay quiet
+    with progress.scope(True):
+        assert progress.shown()
+        with progress.scope(False):
+            assert not progress.shown()
+        assert progress.shown()
+    assert not progress.shown()
+
+
+def test_estimate_after_the_first_item(capsys):
+    with progress.bar(40, "tracing", "fact", enabled=True, estimate=True) as b:
+        b.update(1)
+        err = capsys.readouterr().err
+        assert "the first fact took" in err and "for 40 at that pace" in err
+        b.update(1)  # said once
+        assert "the first fact took" not in capsys.readouterr().err
+    capsys.readouterr()
+    with progress.bar(40, "tracing", "fact", enabled=False, estimate=True) as b:
+        b.update(1)
+    assert capsys.readouterr().err == ""
+
+
+def test_durations_read_naturally():
+    assert progress.duration(0.25) == "250 ms"
+    assert progress.duration(4.2) == "4.2 s"
+    assert progress.duration(42) == "42 s"
+    assert progress.duration(600) == "10.0 min"
+    assert progress.duration(3 * 3600) == "3.0 h"
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_target_steps_reported_between_calls_give_the_same_values(tiny, lanes, capsys):
+    """With a bar the loop runs one step per compiled call, its state carried along: δ, steps
+    and losses are exactly those of one call to the end (the same compiled loop body)."""
+    settings = target_opt.TargetSettings(steps=6, lr=0.5)
+    args = (tiny, "mlp_out", 1, REQUESTS, FIXED, settings)
+    quiet = target_opt.target_values(*args, lanes=lanes, progress=False)
+    assert capsys.readouterr().err == ""
+    shown = target_opt.target_values(*args, lanes=lanes, progress=True)
+    err = capsys.readouterr().err
+    assert "target values L1" in err and "step" in err
+    for a, b in zip(quiet, shown, strict=True):
+        np.testing.assert_array_equal(a.delta, b.delta)
+        assert (a.steps, a.loss, a.nll, a.target_prob) == (b.steps, b.loss, b.nll, b.target_prob)
+    assert {tv.steps for tv in shown} == {6}
+
+
+def test_rome_edit_shows_its_steps_under_the_command_line_scope(tiny, capsys):
+    hp = rome.ROMEHparams(layer=1, v_num_grad_steps=4, context_templates=FIXED)
+    state = rome.make_state(tiny, hp, np.eye(tiny.config.d_ff))
+    m = je.methods.get("rome")
+    m.compute(tiny, state, [REQUESTS[0]])
+    assert capsys.readouterr().err == ""  # from Python: quiet
+    with progress.scope(True):
+        m.compute(tiny, state, [REQUESTS[0]])
+    assert "target values L1" in capsys.readouterr().err
+
+
+def test_demo_names_its_steps_on_stderr(smollm, capsys, monkeypatch):
+    monkeypatch.setattr("jaxedit.cli.commands.demo.load_model", lambda args: smollm)
+    monkeypatch.setenv(progress.ENV, "1")  # stderr is captured, not a terminal
+    assert main(["demo", "--quick", "--json"]) == 0
+    cap = capsys.readouterr()
+    assert "demo 1/4 predictions" in cap.err
+    assert json.loads(cap.out)["predictions"]  # stdout holds the JSON alone
+    assert main(["demo", "--quick", "--json", "--no-progress"]) == 0
+    assert "demo" not in capsys.readouterr().err
