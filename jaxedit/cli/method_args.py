@@ -3,6 +3,8 @@ inside the method: `--method NAME [--hparams PRESET|FILE] [--set key=value ...]`
 
 Without `--hparams` the preset is found from the model by the rule in `jaxedit.hparams`.
 `--set` values are typed by the dataclass fields (`--set k=32 --set demos=pool.json`).
+`--editor DIR` and `--task NAME` are `--set editor=DIR` / `--set task=NAME` for the methods
+whose hparams have those fields (MEND, InstructEdit); others refuse them.
 """
 
 from __future__ import annotations
@@ -38,12 +40,21 @@ def add_method_arguments(p: argparse.ArgumentParser, default: str) -> None:
         help="override one hparams field, e.g. --set layer=5 --set demos=pool.json (repeatable)",
     )
     p.add_argument("--cache-dir", default=None, help="statistics / embedding cache directory")
+    p.add_argument(
+        "--editor", default=None, metavar="DIR", help="trained editor (mend, instructedit)"
+    )
+    p.add_argument(
+        "--task", default=None, help="instructedit: the task of every request (default: the data's)"
+    )
 
 
 def method_and_hparams(args: argparse.Namespace, lm: LanguageModel) -> tuple[EditMethod, Any]:
     """The method named by --method and its hparams (preset or file, then --set overrides)."""
     m = methods.get(args.method)
     overrides = hparams_lib.parse_assignments(m.hparams_cls, args.hparam_overrides)
+    for name in ("editor", "task"):  # unknown keys of this method are refused by the loader
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
     if args.hparams is not None:
         return m, m.hparams(args.hparams, **overrides)
     if m.default_hparams is not None:

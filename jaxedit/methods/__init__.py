@@ -1,6 +1,6 @@
 """Editing methods, one module each, all speaking the protocol of `jaxedit.methods.base`.
 
-    jaxedit.methods.names()        # ["alphaedit", "ft", "ike", "memit", "mend", "none", "rome"]
+    jaxedit.methods.names()        # ["alphaedit", "ft", "ike", "instructedit", "memit", ...]
     jaxedit.methods.get("rome")    # an EditMethod: hparams / prepare / compute
 
 Modules are imported on first use, so importing jaxedit does not import every method.
@@ -17,6 +17,7 @@ REGISTRY = {
     "alphaedit": "jaxedit.methods.alphaedit",
     "ft": "jaxedit.methods.ft",
     "ike": "jaxedit.methods.ike",
+    "instructedit": "jaxedit.methods.instructedit",
     "memit": "jaxedit.methods.memit",
     "mend": "jaxedit.methods.mend",
     "none": "jaxedit.methods.none",

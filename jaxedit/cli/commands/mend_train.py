@@ -1,4 +1,15 @@
-"""jaxedit mend-train: meta-train a MEND editor on CounterFact or zsRE edits."""
+"""jaxedit mend-train: meta-train a MEND editor on CounterFact, zsRE or KnowEdit edits — or an
+InstructEdit editor on several of them at once.
+
+    jaxedit mend-train --data counterfact-train.json --out editors/mend
+    jaxedit mend-train --data counterfact-train.json,zsre_mend_train-1k.json \
+        --instructions default --out editors/instructedit     # InstructEdit (task-balanced)
+
+`--data` takes a comma-separated list; each entry is PATH or TASK=PATH (default task: the
+format's, `jaxedit.methods.mend.instructions.TASK_OF_FORMAT`). `--instructions default|FILE`
+writes each case's task instruction into its edit and rephrase inputs (FILE: a JSON object
+{task: template with "{prompt}"} over the defaults); without it the editor is plain MEND.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +20,25 @@ HELP = "meta-train a MEND editor (writes DIR/ with checkpoints, config.json, tra
 
 
 def add_arguments(p):
-    p.add_argument("--data", required=True, help="training JSON (CounterFact EasyEdit or zsRE)")
-    p.add_argument("--format", default="auto", choices=("auto", "counterfact", "zsre"))
+    p.add_argument(
+        "--data",
+        required=True,
+        help="training JSON (CounterFact EasyEdit, zsRE or KnowEdit); several: A.json,B.json "
+        "(one task each, sampled in turn), TASK=PATH names an entry's task",
+    )
+    p.add_argument("--format", default="auto", choices=("auto", "counterfact", "zsre", "knowedit"))
+    p.add_argument(
+        "--instructions",
+        default=None,
+        metavar="default|FILE",
+        help="InstructEdit: task instructions before the edit and rephrase inputs (default "
+        "templates, or a JSON file {task: template with {prompt}} over them)",
+    )
+    p.add_argument(
+        "--instruct-locality",
+        action="store_true",
+        help="with --instructions: the locality inputs carry the instruction too",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--hparams", help="preset name or JSON path (default: the model's preset)")
     p.add_argument(
@@ -24,20 +52,30 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, help="edits per step (default: from hparams)")
     p.add_argument("--val-every", type=int, default=50, help="validate + checkpoint every K")
-    p.add_argument("--val-size", type=int, default=16, help="held-out cases (end of --data)")
+    p.add_argument(
+        "--val-size", type=int, default=16, help="held-out cases (end of each --data file)"
+    )
     p.add_argument("--patience", type=int, default=3, help="validations without improvement")
-    p.add_argument("--limit", type=int, help="use only the first N records")
+    p.add_argument("--limit", type=int, help="use only the first N records of each file")
     p.add_argument("--resume", action="store_true", help="continue from DIR's last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args) -> dict:
     from jaxedit import hparams as hparams_lib
+    from jaxedit.errors import InputError
     from jaxedit.methods.mend import METHOD
-    from jaxedit.methods.mend.data import load_cases
+    from jaxedit.methods.mend.data import load_data
+    from jaxedit.methods.mend.instructions import load_instructions
     from jaxedit.methods.mend.train import train
 
-    cases = load_cases(args.data, args.format, args.limit)  # bad data fails before loading
+    # bad data or instructions fail before the model loads
+    cases = load_data(args.data, args.format, args.limit)
+    instructions = None
+    if args.instructions:
+        instructions = load_instructions(args.instructions, locality=args.instruct_locality)
+    elif args.instruct_locality:
+        raise InputError("--instruct-locality needs --instructions")
     overrides = hparams_lib.parse_assignments(METHOD.hparams_cls, args.hparam_overrides)
     if args.batch:
         overrides["batch"] = args.batch
@@ -58,6 +96,7 @@ def run(args) -> dict:
         resume=args.resume,
         progress=not args.no_progress,
         data_name=str(args.data),
+        instructions=instructions,
     )
 
 

@@ -17,6 +17,7 @@ here knows where data lives: pass any path.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,7 +129,10 @@ def load(
         try:
             if not isinstance(rec, dict):
                 raise BadRecord(f"expected an object, got {type(rec).__name__}")
-            requests.extend(conv(rec, i))
+            # each request knows the format it came from (InstructEdit reads its task from it)
+            requests.extend(
+                dataclasses.replace(r, extra={**r.extra, "format": format}) for r in conv(rec, i)
+            )
         except BadRecord as e:
             if not skip_bad:
                 raise InputError(f"{path}: record {i}: {e} (use --skip-bad to skip)") from None

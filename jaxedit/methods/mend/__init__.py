@@ -9,7 +9,9 @@
 One concern per module, imported in this order (no cycles):
     hparams     MENDHparams, Layout (which weights, which share an editor net)
     inputs      prompt + answer token arrays and the positions to score
-    data        training cases (CounterFact / zsRE), tokenised, and the batch order
+    instructions  InstructEdit's task templates and where they are written in
+    data        training cases (CounterFact / zsRE / KnowEdit; one task or several, instructed
+                or not), tokenised, and the (task-balanced) batch order
     losses      NLL, edit accuracy, locality KL (and which positions it reads)
     factors     u_t, δ_t of the edit loss: ∇_W L = Σ_t u_t δ_tᵀ; prefix residual, sub-model
     editor      IDMLP + normaliser as pytrees; pseudo-gradients ∇̃_W = Σ_t ũ_t δ̃_tᵀ

@@ -14,6 +14,12 @@ One step, for a batch of B independent edits (vmapped):
 The data order is a pure function of (seed, step), and the checkpoint holds editor, normaliser,
 optimiser state, step and early-stopping state, so a resumed run continues bit-identically.
 Files: `jaxedit.methods.mend.checkpoint`.
+
+Several tasks (InstructEdit): the cases are grouped by `Case.task`, each task keeps its own last
+`val_size` usable cases for validation, the steps draw the tasks in turn (`balanced_indices`),
+and validation reports every task and their mean. With `Instructions` each case's inputs carry
+its task's instruction (`jaxedit.methods.mend.instructions`); the editor directory records the
+instructions, which the editor is then used with. One task without instructions is MEND.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from jaxedit.methods.mend.checkpoint import (
     save_state,
     write_json_atomic,
 )
-from jaxedit.methods.mend.data import Case, EditBatch, batch_indices, tokenize_cases
+from jaxedit.methods.mend.data import Case, EditBatch, balanced_indices, concat, tokenize_cases
 from jaxedit.methods.mend.editor import apply_updates, pseudo_gradients, update_norm
 from jaxedit.methods.mend.factors import (
     first_layer,
@@ -54,6 +60,7 @@ from jaxedit.methods.mend.inputs import (
     every_position,
     labelled,
 )
+from jaxedit.methods.mend.instructions import Instructions
 from jaxedit.methods.mend.losses import kl_loc, label_accuracy, loc_kl_mask, nll
 from jaxedit.methods.mend.state import TrainState, init_state, make_optimizer
 
@@ -197,7 +204,14 @@ def evaluate(ev, params, editor, norm, data: EditBatch, batch: int) -> dict:
     return {f"{k}_val": v / n_batches for k, v in sums.items()}
 
 
-def _run_config(lm, layout: Layout, hp: MENDHparams, data_name: str, n_train: int, n_val: int):
+def _run_config(
+    lm,
+    layout: Layout,
+    hp: MENDHparams,
+    data_name: str,
+    tasks: dict[str, tuple[int, int]],
+    instructions: Instructions | None,
+):
     return {
         "model": lm.name,
         "fingerprint": lm.fingerprint(),
@@ -206,8 +220,10 @@ def _run_config(lm, layout: Layout, hp: MENDHparams, data_name: str, n_train: in
         "groups": {n: {"in": i, "out": o, "members": list(m)} for n, i, o, m in layout.groups},
         "hparams": hp.training_dict(),
         "data": data_name,
-        "n_train": n_train,
-        "n_val": n_val,
+        "n_train": sum(n for n, _ in tasks.values()),
+        "n_val": sum(n for _, n in tasks.values()),
+        "tasks": {t: {"n_train": a, "n_val": b} for t, (a, b) in tasks.items()},
+        "instructions": None if instructions is None else instructions.to_dict(),
     }
 
 
@@ -221,12 +237,23 @@ def _open_run(out: Path, conf: dict, resume: bool) -> None:
         same_hp = MENDHparams.from_dict(old["hparams"]).training_dict() == conf["hparams"]
         if old.get("fingerprint") != conf["fingerprint"] or not same_hp:
             raise CheckpointError(f"{out}: trained for another model or hparams; cannot resume")
+        # a run from before tasks / instructions existed: one task, no instructions
+        same_tasks = "tasks" not in old or list(old["tasks"]) == list(conf["tasks"])
+        if old.get("instructions") != conf["instructions"] or not same_tasks:
+            raise CheckpointError(f"{out}: trained on other tasks or instructions; cannot resume")
     write_json_atomic(out / "config.json", conf)
 
 
-def _validate(ev, params, state: TrainState, val: EditBatch, hp: MENDHparams, best_mgr, log):
-    """Validation metrics; the early-stopping state updated and the best editor saved."""
-    vm = evaluate(ev, params, state.editor, state.norm, val, hp.batch)
+def _validate(ev, params, state: TrainState, vals: dict[str, EditBatch], hp, best_mgr, log):
+    """Validation metrics (with several tasks: each task's, and their mean); the early-stopping
+    state updated and the best editor saved."""
+    run = lambda v: evaluate(ev, params, state.editor, state.norm, v, hp.batch)
+    if len(vals) == 1:
+        vm = run(next(iter(vals.values())))
+    else:
+        per = {t: run(v) for t, v in vals.items()}
+        vm = {k: float(np.mean([m[k] for m in per.values()])) for k in next(iter(per.values()))}
+        vm |= {f"{t}/{k}": v for t, m in per.items() for k, v in m.items()}
     better = vm["loss/total_edit_val"] < float(state.best_val)
     if better:
         state = state._replace(
@@ -239,6 +266,31 @@ def _validate(ev, params, state: TrainState, val: EditBatch, hp: MENDHparams, be
     log.write(json.dumps({"step": int(state.step), "best": better, **_fmt(vm)}) + "\n")
     log.flush()
     return state
+
+
+def split_tasks(
+    tok, cases: list[Case], hp: MENDHparams, val_size: int, instructions: Instructions | None
+) -> dict[str, tuple[EditBatch, EditBatch]]:
+    """{task: (train, validation)} in the order tasks first appear; each task's validation
+    edits are its last `val_size` usable cases. Every task needs an instruction when
+    `instructions` are given."""
+    tasks: dict[str, list[Case]] = {}
+    for c in cases:
+        tasks.setdefault(c.task, []).append(c)
+    if instructions is not None:
+        for t in tasks:
+            instructions.template(t)  # an unknown task fails here, before any training
+    out = {}
+    for t, cs in tasks.items():
+        data = tokenize_cases(tok, cs, hp.max_len, hp.max_target, instructions)
+        if len(data) <= val_size:
+            name = f"task {t!r}: only" if len(tasks) > 1 else "only"
+            raise InputError(f"{name} {len(data)} usable cases; need more than val_size={val_size}")
+        out[t] = (
+            data.take(np.arange(len(data) - val_size)),
+            data.take(np.arange(len(data) - val_size, len(data))),
+        )
+    return out
 
 
 def train(
@@ -256,16 +308,19 @@ def train(
     progress: bool = True,
     data_name: str = "",
     stop_after: int | None = None,
+    instructions: Instructions | None = None,
 ) -> dict:
-    """Meta-train an editor; returns a summary. `stop_after` ends the run early (for tests)."""
+    """Meta-train an editor on `cases` (one task or several: `Case.task`), with the task
+    instructions written into their inputs when `instructions` are given (InstructEdit);
+    returns a summary. `stop_after` ends the run early (for tests)."""
     out = Path(out_dir).absolute()
     layout = make_layout(lm.config, hp)
-    data = tokenize_cases(lm.tokenizer, cases, hp.max_len, hp.max_target)
-    if len(data) <= val_size:
-        raise InputError(f"only {len(data)} usable cases; need more than val_size={val_size}")
-    val = data.take(np.arange(len(data) - val_size, len(data)))
-    train_data = data.take(np.arange(len(data) - val_size))
-    conf = _run_config(lm, layout, hp, data_name, len(train_data), val_size)
+    split = split_tasks(lm.tokenizer, cases, hp, val_size, instructions)
+    sizes = tuple(len(tr) for tr, _ in split.values())
+    train_data = concat([tr for tr, _ in split.values()])
+    vals = {t: va for t, (_, va) in split.items()}
+    tasks = {t: (len(tr), len(va)) for t, (tr, va) in split.items()}
+    conf = _run_config(lm, layout, hp, data_name, tasks, instructions)
     _open_run(out, conf, resume)
 
     mgr, best_mgr = manager(out / "checkpoints", 2), manager(out / "best", 1)
@@ -289,7 +344,7 @@ def train(
     with open(log_path, "a") as log:
         while int(state.step) < steps:
             s = int(state.step)
-            idx = batch_indices(len(train_data), s, hp.batch, hp.seed)
+            idx = balanced_indices(sizes, s, hp.batch, hp.seed)
             state, metrics = step_fn(params, state, train_data.take(idx))
             for k, v in metrics.items():
                 acc[k] = acc.get(k, 0.0) + float(v)
@@ -309,7 +364,7 @@ def train(
             if bar is not None:
                 bar.update(1)
             if s % val_every == 0 or s == steps:
-                state = _validate(ev, params, state, val, hp, best_mgr, log)
+                state = _validate(ev, params, state, vals, hp, best_mgr, log)
                 save_state(mgr, state)  # state after validation: resumes with the same stopper
                 if int(state.since_best) >= patience:
                     stopped = True
@@ -334,6 +389,7 @@ def train(
         "best_val_loss": float(state.best_val),
         "last_train": _fmt(last) if last else {},
         "n_train": len(train_data),
+        "tasks": conf["tasks"],
         "weights": conf["weights"],
     }
 
