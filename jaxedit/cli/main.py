@@ -5,7 +5,9 @@ optionally, `render(result) -> str` for human output. Every command takes `--mod
 `--json` and `--no-progress` (bars on stderr, only when it is a terminal: `jaxedit.progress`).
 User errors (`JaxeditError`, and a file that is not UTF-8) print one line and exit 2, without a
 traceback; an output directory (`--out`, `--save`) that a failed command created is removed
-again when it holds no file.
+again when it holds no file. JAX's persistent compilation cache is on (`jaxedit.compile_cache`,
+`--no-compile-cache` to opt out); trace / demo / edit / eval results get "timing" (compile,
+tracing and run seconds, persistent-cache hits and misses).
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ import os
 import pkgutil
 import sys
 
-from jaxedit import progress
+from jaxedit import compile_cache, progress
 from jaxedit.cli.commands.data import resolve_data_args
 from jaxedit.errors import JaxeditError
 from jaxedit.io.atomic import remove_new_empty_dirs
+
+# Commands whose dict result carries "timing" (compile seconds apart from run seconds): the
+# long ones, where a warm compilation cache matters.
+_TIMED = frozenset({"trace", "demo", "edit", "eval"})
 
 
 def _commands():
@@ -65,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if "--no-progress" not in p._option_string_actions:
             p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument(
+            "--no-compile-cache",
+            action="store_true",
+            help="do not use JAX's persistent compilation cache ($JAXEDIT_CACHE/xla): compile "
+            "everything in this process",
+        )
         p.set_defaults(_module=mod)
     return parser
 
@@ -79,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     ok = False
     try:
         resolve_data_args(args)  # registered data-set names -> cached files (`jaxedit data`)
-        with progress.scope(progress.wanted(args.no_progress)):
+        if not args.no_compile_cache:
+            compile_cache.enable()  # a second run on the same shapes loads, not compiles
+        clock = compile_cache.CompileClock()
+        with progress.scope(progress.wanted(args.no_progress)), clock:
             result = mod.run(args)
+        if mod.NAME in _TIMED and isinstance(result, dict) and "timing" not in result:
+            result = {**result, "timing": clock.as_dict()}  # compile seconds apart from run
         ok = True
     except JaxeditError as e:
         print(f"jaxedit {mod.NAME}: error: {e}", file=sys.stderr)
