@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxedit.errors import InputError
 from jaxedit.eval import datasets as data
+from jaxedit.io.atomic import atomic_path
 from jaxedit.io.tokenizer import bucket
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.lm import LanguageModel
@@ -210,15 +210,8 @@ def cached_embeddings(
         except (OSError, ValueError, KeyError):
             pass  # unreadable: recompute and overwrite
     vectors = np.asarray(embedder(texts), np.float32)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, vectors=vectors, meta=np.array(json.dumps(meta, sort_keys=True)))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # 0644, as any file the user makes
+        np.savez(f, vectors=vectors, meta=np.array(json.dumps(meta, sort_keys=True)))
     return vectors
 
 

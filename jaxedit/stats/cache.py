@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from jaxtyping import Float
 
 from jaxedit.errors import CheckpointError
+from jaxedit.io.atomic import atomic_path
 from jaxedit.models.lm import LanguageModel
 
 CACHE_ENV = "JAXEDIT_CACHE"
@@ -94,18 +94,9 @@ def _checksum(a: np.ndarray) -> str:
 
 def save_stats(path: str | os.PathLike, stats: Stats) -> None:
     """Atomically: write a temp file beside `path`, then `os.replace` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**stats.meta, "count": stats.count, "sha256": _checksum(stats.mom2)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, mom2=stats.mom2, meta=np.array(json.dumps(meta, sort_keys=True)))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # 0644, as any file the user makes
+        np.savez(fh, mom2=stats.mom2, meta=np.array(json.dumps(meta, sort_keys=True)))
 
 
 def load_stats(path: str | os.PathLike, key: dict | None = None) -> Stats:
