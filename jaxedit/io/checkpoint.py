@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxedit.errors import CheckpointError, ConfigError
+from jaxedit.io.atomic import dir_mode
 from jaxedit.io.gguf import GGUFFile
 from jaxedit.io.tokenizer import TextTokenizer, load_hf_tokenizer, tokenizer_from_gguf
 from jaxedit.models import families
@@ -323,6 +324,7 @@ def save_hf(model: LanguageModel, out_dir: str | os.PathLike) -> Path:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
         model.tokenizer.save(tmp)
+        os.chmod(tmp, dir_mode())  # mkdtemp made it 0700: the export is a normal directory
         if out.exists():
             out.rmdir()
         tmp.rename(out)
