@@ -10,8 +10,10 @@
   component — in `models.json`, which lists for each preset the hub ids and file names of the
   checkpoints it was written for (exact matches only: no prefix guessing). An HF directory
   whose own name is unknown is looked up by its `config.json`'s `_name_or_path`.
-  A model that matches no preset, or whose preset this method does not ship, is an error
-  naming the presets; values are never borrowed from another model.
+  A model whose preset this method does not ship is an error naming the presets; values are
+  never borrowed from another model. A loaded model that matches no preset gets ROME hparams
+  chosen for it (`jaxedit.methods.common.auto_hparams`: the layer from a causal trace of facts
+  it knows, cached per model); for other methods that is an error naming the presets.
 
 Unknown keys are refused, in files and in overrides alike. Keys starting with "_", and
 "description", "note" and "model", are documentation. JSON lists become tuples, and an
@@ -90,7 +92,13 @@ def read(method: str, source: Any) -> tuple[dict[str, Any], str]:
     if p is None:
         if text.endswith(".json"):
             raise InputError(f"{method} hparams file {text!r} does not exist")
-        preset = preset_for_model(source)
+        try:
+            preset = preset_for_model(source)
+        except InputError:
+            auto = _automatic(method, source)
+            if auto is None:
+                raise
+            return auto
         p = preset_path(method, preset)
         if p is None:
             raise InputError(
@@ -98,6 +106,18 @@ def read(method: str, source: Any) -> tuple[dict[str, Any], str]:
                 f"(its presets: {presets(method)}); pass a JSON file"
             )
     return _read_json(p), str(p)
+
+
+def _automatic(method: str, source: Any) -> tuple[dict[str, Any], str] | None:
+    """Hparams chosen for a loaded model that no preset fits (`jaxedit.methods.common.
+    auto_hparams`: ROME's layer from a causal trace), or None for a name or another method."""
+    if not (hasattr(source, "config") and hasattr(source, "params")):
+        return None
+    from jaxedit.methods.common import auto_hparams
+
+    if method not in auto_hparams.METHODS:
+        return None
+    return auto_hparams.raw_hparams(method, source), "automatic hparams (no preset)"
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -16,6 +16,13 @@ accepted), or any data-set file `jaxedit.eval.datasets.load` reads (CounterFact,
 MQuAKE); `--n N` takes the first N records. A compact table shows, for the first `--show`
 requests, the top-1 prediction and p(target_new) before and after.
 
+A model without a preset is edited with ROME hparams chosen for it (the layer from a causal
+trace of facts it knows: `jaxedit.methods.common.auto_hparams`); the output names the layer and
+`--explain` says why (for a preset or a file: which one, and its description). `--json` gives
+p(target) before and after for every probe of the shown requests (the rewrite prompt and its
+paraphrases: target_new; neighbourhood, portability and reverse probes: their answer) and for
+each `--check` prompt (the unedited model's top-1 token).
+
 `--save-edit FILE` writes the edit alone (`jaxedit.load_edit` reads it back); `--save DIR` the
 edited model (weight edits).
 """
@@ -23,10 +30,12 @@ edited model (weight edits).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
+from jaxedit import hparams as hparams_lib
 from jaxedit.cli.method_args import add_method_arguments, hparams_json, method_and_hparams
 from jaxedit.cli.shared import load_model
 from jaxedit.edits import WeightEdit, apply, save_edit
@@ -34,6 +43,7 @@ from jaxedit.errors import InputError
 from jaxedit.eval import datasets
 from jaxedit.eval.scoring import score_targets
 from jaxedit.io.checkpoint import save_hf
+from jaxedit.methods.common import auto_hparams
 from jaxedit.models.generate import top_k
 from jaxedit.models.lm import LanguageModel
 from jaxedit.requests import EditRequest, from_prompt
@@ -67,6 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also show predictions for this prompt (repeatable)",
     )
     p.add_argument("--top-k", type=int, default=3, help="predictions shown per prompt")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="say which hparams were used and why (chosen automatically for a model without a "
+        "preset: the layer from a causal trace)",
+    )
     p.add_argument("--save", default=None, metavar="DIR", help="write the edited model (HF dir)")
     p.add_argument(
         "--save-edit",
@@ -202,12 +218,71 @@ def _requests(args) -> list[EditRequest]:
 
 
 def _predictions(lm: LanguageModel, shown: list[EditRequest], checks: list[str], k: int):
-    """Top-k for each shown rewrite prompt and check prompt, and p(target_new) of each shown
-    request (exp of the mean target-token log-prob, ROME's P(target); `score_targets`)."""
+    """Top-k for each shown rewrite prompt and check prompt."""
     prompts = [r.rewrite_prompt for r in shown] + checks
-    top = [{"prompt": q, "top": top_k(lm, q, k)} for q in prompts]
-    scores = score_targets(lm, [r.rewrite_prompt for r in shown], [r.target_new for r in shown])
-    return top, [float(p) for p in scores.prob]
+    return [{"prompt": q, "top": top_k(lm, q, k)} for q in prompts]
+
+
+def _probes(shown: list[EditRequest], checks: list[dict]) -> list[dict]:
+    """Every probe of the shown requests, the rewrite prompts first (request i's is probe i):
+    rewrite and paraphrases score target_new; neighbourhood, portability and reverse probes
+    their first answer; a check prompt the unedited model's top-1 token (`checks`: its top-k)."""
+    out = [
+        {"request": i, "kind": "rewrite", "prompt": r.rewrite_prompt, "target": r.target_new}
+        for i, r in enumerate(shown)
+    ]
+    for i, r in enumerate(shown):
+        out += [
+            {"request": i, "kind": "paraphrase", "prompt": q, "target": r.target_new}
+            for q in r.paraphrase_prompts
+        ]
+        for kind, probes in (
+            ("neighborhood", r.neighborhood),
+            ("portability", r.portability),
+            ("reverse", r.reverse),
+        ):
+            out += [
+                {
+                    "request": i,
+                    "kind": pr.kind or kind,
+                    "prompt": pr.prompt,
+                    "target": pr.answers[0],
+                }
+                for pr in probes
+                if pr.answers and pr.answers[0].strip()
+            ]
+    out += [
+        {"request": None, "kind": "check", "prompt": c["prompt"], "target": c["top"][0]["token"]}
+        for c in checks
+        if c["top"][0]["token"].strip()  # a whitespace token is no answer to score
+    ]
+    return out
+
+
+def _probe_probs(lm: LanguageModel, probes: list[dict]) -> list[float]:
+    """p(target) of each probe: exp of the mean target-token log-prob (ROME's P(target);
+    `score_targets`)."""
+    if not probes:
+        return []
+    scores = score_targets(lm, [p["prompt"] for p in probes], [p["target"] for p in probes])
+    return [float(p) for p in scores.prob]
+
+
+def _hparams_origin(args, method, lm: LanguageModel) -> dict:
+    """Where the hparams came from: chosen automatically (with the reasons), a preset or a file
+    (with its description), or the method's defaults."""
+    if args.hparams is None and method.default_hparams is not None:
+        return {"kind": "defaults", "summary": f"{method.name} defaults", "explanation": ""}
+    raw, where = hparams_lib.read(method.name, args.hparams if args.hparams is not None else lm)
+    choice = auto_hparams.chosen(lm) if method.name in auto_hparams.METHODS else None
+    if args.hparams is None and choice is not None and raw.get("layer") == choice.layer:
+        return {
+            "kind": "automatic",
+            "summary": f"chosen automatically: {auto_hparams.summary(choice)}",
+            "explanation": auto_hparams.explain(choice),
+            "choice": dataclasses.asdict(choice),
+        }
+    return {"kind": "file", "summary": where, "explanation": str(raw.get("description", ""))}
 
 
 def run(args) -> dict:
@@ -221,9 +296,12 @@ def run(args) -> dict:
         raise InputError(f"--save {args.save}: exists and is not empty")
     lm = load_model(args)
     method, hp = method_and_hparams(args, lm)
+    origin = _hparams_origin(args, method, lm)
     # Without --requests the one request is always shown (as before --show existed).
     shown = reqs[: max(args.show, 0 if args.requests else 1)]
-    before, p_before = _predictions(lm, shown, list(args.check), args.top_k)
+    before = _predictions(lm, shown, list(args.check), args.top_k)
+    probes = _probes(shown, before[len(shown) :])
+    p_before = _probe_probs(lm, probes)
     t0 = time.perf_counter()
     state = method.prepare(lm, hp, cache_dir=args.cache_dir, progress=not args.json)
     t1 = time.perf_counter()
@@ -232,7 +310,8 @@ def run(args) -> dict:
     t2 = time.perf_counter()
     if args.save and not isinstance(edit, WeightEdit):
         raise InputError(f"--save: {method.name} changes no weight; use --save-edit")
-    after, p_after = _predictions(edited, shown, list(args.check), args.top_k)
+    after = _predictions(edited, shown, list(args.check), args.top_k)
+    p_after = _probe_probs(edited, probes)
     table = [
         {
             "prompt": r.rewrite_prompt,
@@ -253,6 +332,12 @@ def run(args) -> dict:
         "edit": _edit_summary(edit),
         "seconds": {"prepare": round(t1 - t0, 3), "edit": round(t2 - t1, 3)},
         "hparams": hparams_json(hp),
+        "hparams_origin": origin,
+        "explain": bool(args.explain),
+        "probes": [
+            {**pr, "p_before": pb, "p_after": pa}
+            for pr, pb, pa in zip(probes, p_before, p_after, strict=True)
+        ],
         "info": info,
     }
     if args.requests:
@@ -346,6 +431,12 @@ def render(r: dict) -> str:
         lines.append(f"  context: {len(e['facts'])} fact(s), {e['demonstrations']} demonstrations")
     if n == 1 and "requests_file" not in r:
         lines.append(f"  time: preparation {s['prepare']} s, edit {s['edit']} s")
+    origin = r.get("hparams_origin", {})
+    if r.get("explain"):
+        lines.append(f"  hparams: {origin.get('summary', '')}")
+        lines += ["    " + ln for ln in origin.get("explanation", "").splitlines() if ln.strip()]
+    elif origin.get("kind") == "automatic":
+        lines.append(f"  hparams: {origin['summary']} (--explain: why)")
     for k in ("saved", "saved_edit"):
         if k in r:
             lines.append(f"  {k.replace('_', ' ')}: {r[k]}")
