@@ -153,3 +153,13 @@ def test_file_hashes_are_computed_once(monkeypatch, cache_root, tmp_path):
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     with pytest.raises(AssertionError, match="re-read"):
         filehash.content_hash(f)
+
+
+def test_has_fingerprint_accepts_the_every_byte_one():
+    """Files that recorded the every-byte fingerprint (MEND editors trained before file keys)
+    still match their model, and only it."""
+    lm = load(GOLDEN / "llama")
+    assert lm.has_fingerprint(lm.fingerprint()) and lm.has_fingerprint(lm.fingerprint(full=True))
+    other = load(GOLDEN / "llama", dtype="bfloat16")
+    assert not lm.has_fingerprint(other.fingerprint(full=True))
+    assert not lm.has_fingerprint(other.fingerprint())

@@ -136,6 +136,11 @@ class LanguageModel:
                 return fp
         return fingerprint(self.config, self.params)
 
+    def has_fingerprint(self, fp: str) -> bool:
+        """Whether `fp` names these params: this fingerprint, or the every-byte one (what
+        files written before file-based fingerprints recorded; hashed only when needed)."""
+        return fp == self.fingerprint() or fp == self.fingerprint(full=True)
+
 
 def fingerprint(cfg: ModelConfig, params: Params) -> str:
     """sha256 over the config and every param byte: caches are keyed by exactly these weights."""
