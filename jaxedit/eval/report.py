@@ -31,6 +31,13 @@ TABLE_ORDER = (
     "locality",
     "portability",
     "reverse",
+    "efficacy_gen",
+    "paraphrase_gen",
+    "neighborhood_gen",
+    "specificity_gen",
+    "locality_gen",
+    "portability_gen",
+    "reverse_gen",
     "fluency",
     "consistency",
 )
