@@ -22,6 +22,7 @@ Files are safetensors (tensors + a JSON header in the metadata); nothing is ever
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -30,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Float
 
 from jaxedit.errors import CheckpointError, InputError
@@ -160,25 +163,71 @@ def _summed(deltas: Iterable[WeightDelta], matrix: Callable[[WeightDelta], Any])
 
 
 def apply_weight_edit(params: dict, edit: WeightEdit) -> dict:
-    """New params with every delta added (fp32 arithmetic, stored in the param dtype)."""
-    by_site: dict[str, dict[int, Array]] = {}
-    for (site, layer), m in _summed(edit.deltas, WeightDelta.device_matrix).items():
-        by_site.setdefault(site, {})[layer] = m
+    """New params with every delta added (fp32 arithmetic, stored in the param dtype).
+
+    Sharded params (`jaxedit.models.sharding`) stay sharded, and the model is never gathered:
+    each ΔW is formed on the devices already split like the weight it joins (the factors are
+    placed split along I and O, so every device multiplies out only its own block), and the
+    new stacked weight keeps the old one's sharding.
+    """
+    by_site: dict[str, dict[int, list[WeightDelta]]] = {}
+    for d in edit.deltas:
+        by_site.setdefault(d.site, {}).setdefault(d.layer, []).append(d)
     for site, per_layer in by_site.items():
         layers = tuple(sorted(per_layer))
         stacked = _leaf(params, weight_path(site))
         want = tuple(stacked.shape[1:])
         for layer in layers:
-            if per_layer[layer].shape != want:
-                raise InputError(
-                    f"edit of {site}.{layer} has shape {per_layer[layer].shape}, the model's "
-                    f"weight is {want} (an edit made for another model?)"
-                )
+            for d in per_layer[layer]:
+                if d.shape != want:
+                    raise InputError(
+                        f"edit of {site}.{layer} has shape {d.shape}, the model's "
+                        f"weight is {want} (an edit made for another model?)"
+                    )
             if not 0 <= layer < stacked.shape[0]:
                 raise InputError(f"edit of {site}.{layer}: the model has {stacked.shape[0]} layers")
-        deltas = jnp.stack([per_layer[layer] for layer in layers])
+        sharding = _mesh_sharding(stacked)
+        matrix = functools.partial(_matrix_on, stacked=sharding)
+        deltas = jnp.stack([_summed(per_layer[x], matrix)[(site, x)] for x in layers])
         params = add_to_weights(params, site, layers, deltas)
+        if sharding is not None:
+            new = _leaf(params, weight_path(site))
+            if new.sharding != sharding:  # a no-op where XLA kept the layout (it does on CPU)
+                params = _replace_leaf(params, weight_path(site), jax.device_put(new, sharding))
     return params
+
+
+def _mesh_sharding(x) -> NamedSharding | None:
+    """The sharding of `x` when it is split or replicated over a mesh of several devices."""
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+        return sharding
+    return None
+
+
+def _matrix_on(d: WeightDelta, stacked: NamedSharding | None) -> Float[Array, "I O"]:
+    """ΔW in fp32; with `stacked` (the sharding of the [L I O] weight), split as one of its
+    layers: the left factor split along I and the right along O, so their product is formed
+    block by block where the blocks live (a dense delta is placed split)."""
+    if stacked is None:
+        return d.device_matrix()
+    spec = tuple(stacked.spec) + (None,) * (3 - len(stacked.spec))
+    split_in, split_out = spec[1], spec[2]
+
+    def put(a, *axes):
+        return jax.device_put(
+            np.asarray(a, np.float32), NamedSharding(stacked.mesh, PartitionSpec(*axes))
+        )
+
+    if d.dense is not None:
+        return put(d.dense, split_in, split_out)
+    return put(d.left, split_in, None) @ put(d.right, split_out, None).T
+
+
+def _replace_leaf(params: dict, path: Sequence[str], leaf) -> dict:
+    if len(path) == 1:
+        return {**params, path[0]: leaf}
+    return {**params, path[0]: _replace_leaf(params[path[0]], path[1:], leaf)}
 
 
 def _leaf(params: dict, path: Sequence[str]):

@@ -10,12 +10,26 @@ from jaxedit.models.lm import LanguageModel
 
 
 @functools.lru_cache(maxsize=2)
-def _load(name: str, dtype: str) -> LanguageModel:
-    return load(name, dtype=dtype)
+def _load(name: str, dtype: str, mesh: str | None) -> LanguageModel:
+    lm = load(name, dtype=dtype)
+    if mesh is None:
+        return lm
+    from jaxedit.models.sharding import shard
+
+    # Every command takes the sharded model as it is: jitted code follows the params'
+    # shardings, and edits keep them (`jaxedit.models.sharding`).
+    return shard(lm, mesh)
 
 
 def load_model(args: argparse.Namespace) -> LanguageModel:
-    return _load(args.model, getattr(args, "model_dtype", "float32"))
+    """The model of `--model` in `--dtype` (default float32), sharded over `--mesh` when given
+    (a mesh that does not match the devices is a `ConfigError`, raised before loading)."""
+    mesh = getattr(args, "mesh", None) or None
+    if mesh is not None:
+        from jaxedit.models.sharding import make_mesh
+
+        make_mesh(mesh)  # a bad spec fails here, before minutes of loading
+    return _load(args.model, getattr(args, "model_dtype", "float32"), mesh)
 
 
 def top_table(rows: list[dict]) -> str:

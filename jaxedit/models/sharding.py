@@ -26,6 +26,18 @@ its attention matrices are replicated along heads (and still split over `fsdp` a
 while its MLP (F = 1,536) and vocabulary (49,152) split. Splitting 9 heads as 4.5 per device
 would be legal for XLA, but it cuts heads in half and turns every attention score into a
 cross-device reduction; replication is the rule MaxText uses too.
+
+**What each device holds.** Params are split over `fsdp` and `tensor` only: `data` is pure
+data parallelism (as in MaxText), so every `data` slice holds a full copy of the sharded
+params and each device holds about 1/(fsdp·tensor) of the param bytes (`device_bytes`), plus
+what replication by rule adds (norm scales, and heads a mesh does not divide). `fsdp=8` puts
+1/8 on each device; `data=2,fsdp=2,tensor=2` puts 1/4 on each and runs two batches at once.
+
+**Activations.** Token batches split over (data, fsdp) along `batch` (`put_batch`; a batch
+whose size the mesh does not divide is replicated). Jitted code follows its inputs'
+shardings: a function given sharded params and a batch, or a batch left on the host (then
+replicated), runs SPMD with the collectives XLA's partitioner inserts, and computes what the
+single-device call computes up to float rounding (`tests/test_sharding.py`).
 """
 
 from __future__ import annotations
@@ -253,6 +265,34 @@ def shard(lm, mesh: Mesh | str, rules: Rules = RULES):
     """
     mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
     return lm.with_params(shard_params(lm.config, lm.params, mesh, rules))
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh the arrays of `tree` are sharded on (the first leaf placed on a `Mesh` of more
+    than one device), or None for arrays on one device / host arrays."""
+    for leaf in jax.tree_util.tree_leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
+def batch_multiple(mesh: Mesh | None, rules: Rules = RULES) -> int:
+    """How many ways `batch` splits on `mesh` (data·fsdp by default; 1 without a mesh): round
+    batch sizes to a multiple of it and every device gets rows."""
+    if mesh is None:
+        return 1
+    target = rules.get("batch")
+    targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+    return math.prod(mesh.shape.get(a, 1) for a in targets)
+
+
+def put_batch(mesh: Mesh | None, *arrays: Any, rules: Rules = RULES) -> tuple:
+    """`arrays` (host or device, leading axis batch) placed split along `batch` on `mesh`
+    (replicated where the mesh does not divide their batch size); unchanged without a mesh."""
+    if mesh is None:
+        return arrays
+    return tuple(jax.device_put(a, batch_sharding(mesh, np.shape(a), rules)) for a in arrays)
 
 
 def device_bytes(params: Any) -> dict[str, int]:

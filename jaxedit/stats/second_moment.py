@@ -10,8 +10,12 @@ How it is computed here (and why):
   for several layers (MEMIT's) one pass captures them all, stopping at the highest;
 - documents are packed by length into shape buckets, so the jitted step compiles once per
   bucket; per-batch sums Σ k kᵀ are fp32 on device and accumulated in fp64 on the host;
-- batches are sharded over a 1-D mesh ("data") of all local devices; params are replicated.
-  The per-device partial sums are reduced by XLA (the einsum contracts the sharded axis);
+- it runs on the model's mesh when its params are sharded (`jaxedit.models.sharding`: FSDP /
+  tensor parallel), else on a `data` mesh of all local devices with the params replicated.
+  Batches split over the mesh's batch axes (data, fsdp); the per-device partial sums
+  Σ k kᵀ are reduced across them by XLA (the einsum contracts the sharded batch axis), and
+  on a `tensor` axis the sum lives split along its first F axis (`mlp`, as the keys are)
+  until it is read back: C is accumulated on the host, replicated there;
 - `layers_stats` reads each layer from the cache (`jaxedit.stats.cache`, one file per layer)
   when a valid file exists, else loads the corpus (`jaxedit.stats.corpora`) once, computes
   the missing layers in one pass and caches each; `layer_stats` is its one-layer case.
@@ -34,13 +38,22 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array, Float, Int
 
+from jaxedit import distributed
 from jaxedit.errors import CheckpointError, InputError
 from jaxedit.io.tokenizer import fine_bucket
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.lm import LanguageModel
+from jaxedit.models.sharding import (
+    batch_multiple,
+    make_mesh,
+    mesh_of,
+    put_batch,
+    shard_params,
+    spec_for,
+)
 from jaxedit.models.transformer import Params, forward
 from jaxedit.stats.cache import (
     Stats,
@@ -81,23 +94,54 @@ def pack(
 # ----------------------------------------------------------------------------- statistics
 
 
-@partial(jax.jit, static_argnums=(0, 1))
+@partial(jax.jit, static_argnums=(0, 1, 5))
 def _moment_sums(
-    cfg: ModelConfig, layers: tuple[int, ...], params: Params, tokens, mask
+    cfg: ModelConfig,
+    layers: tuple[int, ...],
+    params: Params,
+    tokens,
+    mask,
+    kk_sharding: NamedSharding | None = None,
 ) -> tuple[Float[Array, "Y F F"], Int[Array, ""]]:
     """Σ k kᵀ over the real tokens of one batch, keys of each of `layers` (the forward stops
-    at the highest)."""
+    at the highest), laid out as `kk_sharding` says."""
     out = forward(cfg, params, tokens, mask, capture=("mlp_key",), n_layers=max(layers) + 1)
     keys_ybtf = out.captured["mlp_key"][jnp.asarray(layers)].astype(jnp.float32)
     keys_ybtf = jnp.where(mask[None, :, :, None], keys_ybtf, 0.0)
     kk = jnp.einsum("ybtf,ybtg->yfg", keys_ybtf, keys_ybtf, precision=jax.lax.Precision.HIGHEST)
+    if kk_sharding is not None:
+        kk = jax.lax.with_sharding_constraint(kk, kk_sharding)
     return kk, jnp.sum(mask, dtype=jnp.int32)
 
 
 def data_mesh(devices=None) -> Mesh:
-    """A 1-D mesh over `devices` (default: every local device), axis "data" (batches are
-    split along it)."""
-    return Mesh(np.array(list(devices) if devices is not None else jax.local_devices()), ("data",))
+    """A mesh with every one of `devices` (default: every local device) on its `data` axis
+    (fsdp = tensor = 1): batches are split along it, params replicated. What the statistics
+    run on when the model's params are not sharded."""
+    devices = list(devices) if devices is not None else jax.local_devices()
+    return make_mesh({"data": len(devices)}, devices)
+
+
+def stats_mesh(lm: LanguageModel, mesh: Mesh | None = None, devices=None) -> Mesh:
+    """The mesh the statistics of `lm` run on: `mesh` if given, else the mesh its params are
+    sharded on, else `data_mesh(devices)`."""
+    if mesh is not None and devices is not None:
+        raise InputError("give a mesh or devices for the statistics, not both")
+    if mesh is not None:
+        return mesh
+    if devices is None:
+        own = mesh_of(lm.params)
+        if own is not None:
+            return own
+    return data_mesh(devices)
+
+
+def _on_mesh(lm: LanguageModel, mesh: Mesh) -> Params:
+    """`lm`'s params on `mesh`: as they are when they live there already (whatever rules
+    sharded them), else placed by the default rules (on a data mesh: replicated)."""
+    if mesh_of(lm.params) == mesh:
+        return lm.params
+    return shard_params(lm.config, lm.params, mesh)
 
 
 def second_moments(
@@ -109,18 +153,20 @@ def second_moments(
     dtype: str = "float32",
     progress: bool = False,
     devices=None,
+    mesh: Mesh | None = None,
 ) -> tuple[dict[int, np.ndarray], int]:
     """Stream `docs` through the model once; return ({layer: C [F F]}, token count) for every
-    layer in `layers`. Data-parallel."""
+    layer in `layers`. Runs on `stats_mesh(lm, mesh, devices)`: batches split over its batch
+    axes, params as sharded there; C is the same on any mesh up to float rounding."""
     cfg = lm.config
     layers = _check_layers(cfg, layers)
     if dtype not in ("float32", "float64"):
         raise InputError(f"statistics dtype must be float32 or float64, not {dtype!r}")
-    mesh = data_mesh(devices)
-    n_dev = mesh.devices.size
-    replicated = NamedSharding(mesh, PartitionSpec())
-    by_batch = NamedSharding(mesh, PartitionSpec("data"))
-    params = jax.device_put(lm.params, replicated)
+    mesh = stats_mesh(lm, mesh, devices)
+    params = _on_mesh(lm, mesh)
+    kk_spec = spec_for((None, "mlp", None), mesh, {"mlp": cfg.d_ff})
+    kk_sharding = NamedSharding(mesh, kk_spec) if any(kk_spec) else None
+    docs = distributed.corpus_share(docs, mesh)  # several processes: each its share
     acc = np.zeros((len(layers), cfg.d_ff, cfg.d_ff), np.float64)
     count = 0
     total = sum(len(d) for d in docs)
@@ -131,10 +177,9 @@ def second_moments(
         desc = "stats L" + ",".join(map(str, layers))
         bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, file=sys.stderr)
     pending = None  # overlap: dispatch batch i+1 before reading batch i back
-    for tokens, mask in pack(docs, lm.tokenizer.pad_id, batch_tokens, n_dev):
-        step = _moment_sums(
-            cfg, layers, params, jax.device_put(tokens, by_batch), jax.device_put(mask, by_batch)
-        )
+    for tokens, mask in pack(docs, lm.tokenizer.pad_id, batch_tokens, batch_multiple(mesh)):
+        tokens, mask = put_batch(mesh, tokens, mask)
+        step = _moment_sums(cfg, layers, params, tokens, mask, kk_sharding)
         if pending is not None:
             acc, count = _accumulate(acc, count, pending, bar)
         pending = step
@@ -142,6 +187,7 @@ def second_moments(
         acc, count = _accumulate(acc, count, pending, bar)
     if bar is not None:
         bar.close()
+    acc, count = distributed.sum_over_processes(acc, count)  # identity on one process
     if count == 0:
         raise InputError("the corpus produced no tokens")
     return {layer: (acc[y] / count).astype(dtype) for y, layer in enumerate(layers)}, count
@@ -156,8 +202,10 @@ def second_moment(
     dtype: str = "float32",
     progress: bool = False,
     devices=None,
+    mesh: Mesh | None = None,
 ) -> tuple[np.ndarray, int]:
-    """Stream `docs` through the model; return (C [F F], token count). Data-parallel."""
+    """Stream `docs` through the model; return (C [F F], token count): `second_moments` of
+    one layer."""
     moms, count = second_moments(
         lm,
         (layer,),
@@ -166,6 +214,7 @@ def second_moment(
         dtype=dtype,
         progress=progress,
         devices=devices,
+        mesh=mesh,
     )
     return moms[layer], count
 
@@ -311,6 +360,7 @@ def layers_stats(
                 "seconds": round(t2 - t1, 3),  # of the pass, shared by `pass_layers`
                 "tokens_per_s": round(count / max(t2 - t1, 1e-9), 1),
                 "devices": jax.local_device_count(),
+                "mesh": dict(stats_mesh(lm).shape),
                 "pass_layers": list(missing),
             }
             st = Stats(moms[layer], count, meta)
