@@ -23,8 +23,9 @@ p(target) before and after for every probe of the shown requests (the rewrite pr
 paraphrases: target_new; neighbourhood, portability and reverse probes: their answer) and for
 each `--check` prompt (the unedited model's top-1 token).
 
-`--save-edit FILE` writes the edit alone (`jaxedit.load_edit` reads it back); `--save DIR` the
-edited model (weight edits).
+`--save-edit FILE` writes the edit alone (`jaxedit.load_edit` reads it back; a weight edit
+records the model it was made for, so that `jaxedit apply FILE [--invert]` can check it);
+`--save DIR` the edited model (weight edits).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 from jaxedit import hparams as hparams_lib
 from jaxedit.cli.method_args import add_method_arguments, hparams_json, method_and_hparams
 from jaxedit.cli.shared import load_model
+from jaxedit.edit_target import stamp
 from jaxedit.edits import WeightEdit, apply, save_edit
 from jaxedit.errors import InputError
 from jaxedit.eval import datasets
@@ -345,6 +347,8 @@ def run(args) -> dict:
     if len(reqs) > 1:
         out["requests"] = [_request_json(r) for r in reqs]
     if args.save_edit:
+        if isinstance(edit, WeightEdit):  # which model it belongs to (`jaxedit apply` checks)
+            edit = stamp(edit, lm, edited)
         out["saved_edit"] = str(save_edit(edit, args.save_edit))
     if args.save:
         out["saved"] = str(save_hf(edited, args.save))
