@@ -128,7 +128,8 @@ def noise_level(noise: str | float, params, subject_ids: Sequence[int]) -> float
     return float(noise)
 
 
-def _check(samples: int, window: int, kinds: Iterable[str]) -> tuple[str, ...]:
+def check_options(samples: int, window: int, kinds: Iterable[str]) -> tuple[str, ...]:
+    """The kinds as a tuple, after checking samples >= 1, window >= 1 and the kind names."""
     if samples <= 0:
         raise InputError(f"samples must be >= 1, got {samples}")
     if window <= 0:
@@ -261,72 +262,99 @@ def plan_cells(
 ) -> dict[int, np.ndarray]:
     """The cells to compute, grouped by suffix bucket and sorted by start layer.
 
-    Returns {suffix: int array [N, 6] of (kind, position, layer, lo, hi, start)}; a hidden cell
-    restores [l, l+1) and starts at block l + 1, a window cell starts at its first layer.
+    Returns {suffix: int array [N, 7] of (kind, position, layer, lo, hi, start, index)}; a
+    hidden cell restores [l, l+1) and starts at block l + 1, a window cell starts at its first
+    layer; `index` numbers the cells in (kind, position, layer) order.
     """
+    cells = [(_CODE[k], p, layer) for k in kinds for p in positions for layer in range(n_layers)]
+    return group_cells(cells, n_layers, T, window)
+
+
+def group_cells(
+    cells: Sequence[tuple[int, int, int]], n_layers: int, T: int, window: int
+) -> dict[int, np.ndarray]:
+    """`plan_cells` for an explicit list of (kind code, padded position, layer) cells; the
+    `index` column is the cell's place in `cells`."""
     groups: dict[int, list] = {}
-    for k in kinds:
-        for p in positions:
-            suffix = min(T, fine_bucket(T - p))
-            for layer in range(n_layers):
-                if k == "hidden":
-                    lo, hi, start = layer, layer + 1, layer + 1
-                else:
-                    lo, hi = window_layers(layer, window, n_layers)
-                    start = lo
-                groups.setdefault(suffix, []).append((_CODE[k], p, layer, lo, hi, start))
+    for index, (code, p, layer) in enumerate(cells):
+        suffix = min(T, fine_bucket(T - p))
+        if code == _CODE["hidden"]:
+            lo, hi, start = layer, layer + 1, layer + 1
+        else:
+            lo, hi = window_layers(layer, window, n_layers)
+            start = lo
+        groups.setdefault(suffix, []).append((code, p, layer, lo, hi, start, index))
     out = {}
-    for suffix, cells in groups.items():
-        arr = np.asarray(cells, np.int32)
+    for suffix, group in groups.items():
+        arr = np.asarray(group, np.int32)
         out[suffix] = arr[np.argsort(arr[:, 5], kind="stable")]
     return out
 
 
-def _grid(cfg, params, prep, mask, kinds, positions, T, window, samples, chunk_tokens):
-    """scores [K T L] (NaN where not computed) from the prepared clean/corrupted runs."""
-    answer, _, _, clean, inputs, kv = prep
-    L = cfg.n_layers
-    scores = np.full((len(kinds), T, L), np.nan, np.float32)
-    kind_index = {_CODE[k]: i for i, k in enumerate(kinds)}
-    pending = []
-    for suffix, cells in plan_cells(L, kinds, positions, T, window).items():
-        # Chunk size: a token budget per chunk, at most the group (rounded up to a power of
-        # two so that few shapes compile), at most 64 cells (the [C S V] logits), and a few
-        # start layers' worth of cells: a chunk runs from the lowest start layer among its cells.
-        per_start = max(1, len(cells) // L)
+def chunk_plan(groups: dict[int, np.ndarray], n_layers: int, samples: int, chunk_tokens: int):
+    """Yield (suffix, cells [C, 7], n real) for each compiled call of the grid: the chunks
+    `_run_cells` dispatches (public so that benchmarks count the work actually done).
+
+    Chunk size: a token budget per chunk, at most the group (rounded up to a power of two so
+    that few shapes compile), at most 64 cells (the [C S V] logits), and a few start layers'
+    worth of cells: a chunk runs from the lowest start layer among its cells. A short last
+    chunk is padded with copies of its last cell (results dropped)."""
+    for suffix, cells in groups.items():
+        per_start = max(1, len(cells) // n_layers)
         budget = max(1, chunk_tokens // (samples * suffix))
         C = min(64, _pow2(len(cells)), budget, max(8, 4 * _pow2(per_start)))
         for i in range(0, len(cells), C):
             part = cells[i : i + C]
             n = len(part)
-            if n < C:  # pad with copies of the last cell (results dropped)
+            if n < C:
                 part = np.concatenate([part, np.repeat(part[-1:], C - n, 0)])
-            probs = _grid_chunk(
-                cfg,
-                params,
-                inputs,
-                kv,
-                mask,
-                clean,
-                answer,
-                jnp.int32(part[:, 5].min()),
-                jnp.asarray(part[:, 0]),
-                jnp.asarray(part[:, 1] - (T - suffix)),
-                jnp.asarray(part[:, 3]),
-                jnp.asarray(part[:, 4]),
-                suffix=suffix,
-            )
-            pending.append((part[:n], probs))
+            yield suffix, part, n
+
+
+def _run_cells(cfg, params, prep, mask, groups, T, samples, chunk_tokens) -> np.ndarray:
+    """p(answer) of every cell of `groups` (see `group_cells`), in `index` order."""
+    answer, _, _, clean, inputs, kv = prep
+    pending = []
+    for suffix, part, n in chunk_plan(groups, cfg.n_layers, samples, chunk_tokens):
+        probs = _grid_chunk(
+            cfg,
+            params,
+            inputs,
+            kv,
+            mask,
+            clean,
+            answer,
+            jnp.int32(part[:, 5].min()),
+            jnp.asarray(part[:, 0]),
+            jnp.asarray(part[:, 1] - (T - suffix)),
+            jnp.asarray(part[:, 3]),
+            jnp.asarray(part[:, 4]),
+            suffix=suffix,
+        )
+        pending.append((part[:n], probs))
+    out = np.full(sum(len(c) for c in groups.values()), np.nan, np.float32)
     for part, probs in pending:  # read back only after everything is dispatched
-        probs = np.asarray(probs)[: len(part)]
-        scores[[kind_index[c] for c in part[:, 0]], part[:, 1], part[:, 2]] = probs
+        out[part[:, 6]] = np.asarray(probs)[: len(part)]
+    return out
+
+
+def _grid(cfg, params, prep, mask, kinds, positions, T, window, samples, chunk_tokens):
+    """scores [K T L] (NaN where not computed) from the prepared clean/corrupted runs."""
+    L = cfg.n_layers
+    scores = np.full((len(kinds), T, L), np.nan, np.float32)
+    groups = plan_cells(L, kinds, positions, T, window)
+    probs = _run_cells(cfg, params, prep, mask, groups, T, samples, chunk_tokens)
+    kind_index = {_CODE[k]: i for i, k in enumerate(kinds)}
+    cells = np.concatenate(list(groups.values())) if groups else np.zeros((0, 7), np.int32)
+    scores[[kind_index[c] for c in cells[:, 0]], cells[:, 1], cells[:, 2]] = probs[cells[:, 6]]
     return scores
 
 
 # ----------------------------------------------------------------------------- one fact
 
 
-def _encode(lm, prompt: str, subject: str):
+def encode_fact(lm, prompt: str, subject: str):
+    """(ids, (b, e) subject token range, T padded length, pad, left-padded batch of one)."""
     ids, (b, e) = locate_subject(lm.tokenizer, prompt, subject)
     n = len(ids)
     T = bucket(n)
@@ -365,25 +393,40 @@ def trace(
          "kinds": {kind: {"scores": float32 [tokens, layers]}}, "seconds"}
     """
     t0 = time.perf_counter()
-    kinds = _check(samples, window, kinds)
-    ids, (b, e), T, pad, batch = _encode(lm, prompt, subject)
+    kinds = check_options(samples, window, kinds)
+    encoded = encode_fact(lm, prompt, subject)
+    ids, (b, e) = encoded[0], encoded[1]
     nu = noise_level(noise, lm.params, ids[b:e])
-    return _trace_encoded(
-        lm, prompt, subject, ids, (b, e), T, pad, batch, nu, kinds, samples, window, seed,
-        rows, expect, chunk_tokens, t0,
+    return trace_encoded(
+        lm, prompt, subject, encoded, nu, kinds=kinds, samples=samples, window=window,
+        seed=seed, rows=rows, expect=expect, chunk_tokens=chunk_tokens, t0=t0,
     )  # fmt: skip
 
 
-def _trace_encoded(
-    lm, prompt, subject, ids, be, T, pad, batch, nu, kinds, samples, window, seed, rows,
-    expect, chunk_tokens, t0,
-):  # fmt: skip
+def trace_encoded(
+    lm,
+    prompt: str,
+    subject: str,
+    encoded,
+    nu: float,
+    *,
+    kinds: Sequence[str] = KINDS,
+    samples: int = 10,
+    window: int = 10,
+    seed: int = 0,
+    rows: Sequence[int] | None = None,
+    expect: str | None = None,
+    chunk_tokens: int = 4096,
+    t0: float | None = None,
+) -> dict[str, Any] | None:
+    """`trace` on a prompt already encoded by `encode_fact`, with the noise level `nu` given
+    (data-set mode: one nu for every fact)."""
+    t0 = time.perf_counter() if t0 is None else t0
     cfg, params = lm.config, lm.params
+    ids, be, T, pad, batch = encoded
     b, e = be
     n = len(ids)
-    subj = np.zeros((T,), bool)
-    subj[pad + b : pad + e] = True
-    eps = subject_noise(seed, samples, T, cfg.d_model, range(pad + b, pad + e), nu)
+    subj, eps = corruption(cfg, T, pad, be, nu, samples, seed)
     mask = jnp.asarray(batch.mask)
     prep = _prepare(cfg, params, jnp.asarray(batch.tokens), mask, jnp.asarray(subj), eps)
     answer_id = int(prep[0])
@@ -397,6 +440,7 @@ def _trace_encoded(
     grid[:, [r for r in wanted if r < b]] = low  # clean == corrupted before the subject
     return {
         "model": lm.name,
+        "method": "exact",
         "prompt": prompt,
         "subject": subject,
         "tokens": lm.tokenizer.token_strings(ids),
@@ -411,6 +455,47 @@ def _trace_encoded(
         "kinds": {k: {"scores": grid[i]} for i, k in enumerate(kinds)},
         "seconds": time.perf_counter() - t0,
     }
+
+
+def corruption(cfg, T: int, pad: int, subject_range, nu: float, samples: int, seed: int):
+    """(subject mask [T], noise eps [S T D]) of a left-padded prompt of padded length T."""
+    b, e = subject_range
+    subj = np.zeros((T,), bool)
+    subj[pad + b : pad + e] = True
+    return subj, subject_noise(seed, samples, T, cfg.d_model, range(pad + b, pad + e), nu)
+
+
+def exact_cells(
+    lm,
+    prompt: str,
+    subject: str,
+    cells: Sequence[tuple[str, int, int]],
+    *,
+    samples: int = 10,
+    noise: str | float = "3s",
+    window: int = 10,
+    seed: int = 0,
+    chunk_tokens: int = 4096,
+) -> np.ndarray:
+    """The exact restored p(answer) of a few cells (kind, token, layer), in order: what `trace`
+    computes for them (same noise draws, same batched kernel), without the rest of the grid."""
+    check_options(samples, window, [c[0] for c in cells] or KINDS)
+    cfg, params = lm.config, lm.params
+    ids, (b, e), T, pad, batch = encode_fact(lm, prompt, subject)
+    nu = noise_level(noise, params, ids[b:e])
+    subj, eps = corruption(cfg, T, pad, (b, e), nu, samples, seed)
+    mask = jnp.asarray(batch.mask)
+    prep = _prepare(cfg, params, jnp.asarray(batch.tokens), mask, jnp.asarray(subj), eps)
+    for cell in cells:
+        if not 0 <= cell[1] < len(ids) or not 0 <= cell[2] < cfg.n_layers:
+            raise InputError(f"cell {cell} outside the {len(ids)} x {cfg.n_layers} grid")
+    out = np.full(len(cells), float(prep[2]), np.float32)  # before the subject: low_score
+    todo = [i for i, (_, t, _) in enumerate(cells) if t >= b]
+    coded = [(_CODE[cells[i][0]], pad + cells[i][1], cells[i][2]) for i in todo]
+    groups = group_cells(coded, cfg.n_layers, T, window)
+    if coded:
+        out[todo] = _run_cells(cfg, params, prep, mask, groups, T, samples, chunk_tokens)
+    return out
 
 
 def answer_matches(tokenizer, answer_id: int, expect: str) -> bool:
@@ -466,9 +551,9 @@ def trace_loop(
     (`clean_row=True, full_logits=True, pad_to_bucket=False` mirror the original: samples + 1
     rows per forward, row 0 clean, logits at every position).
     """
-    kinds = _check(samples, window, kinds)
+    kinds = check_options(samples, window, kinds)
     cfg, params = lm.config, lm.params
-    ids, (b, e), T, pad, batch = _encode(lm, prompt, subject)
+    ids, (b, e), T, pad, batch = encode_fact(lm, prompt, subject)
     nu = noise_level(noise, params, ids[b:e])
     subj = np.zeros((T,), bool)
     subj[pad + b : pad + e] = True
@@ -608,16 +693,28 @@ def trace_dataset(
     progress: bool = True,
     limit: int | None = None,
     chunk_tokens: int = 4096,
+    method: str = "exact",
+    atp_options: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Trace every fact whose clean prediction is right; average the effects per token class.
 
     The noise unit sigma is taken over the subject tokens of all the facts. Only the rows of
-    the requested `classes` are computed; `limit` stops after that many traced facts.
-    Returns (summary, per-fact results).
+    the requested `classes` are computed (exact method; AtP estimates every row at once);
+    `limit` stops after that many traced facts. `method`: "exact" (the grid, `trace`) or
+    "atp" (attribution patching, `jaxedit.locate.atp`, with `atp_options` such as graddrop or
+    verify_top). Returns (summary, per-fact results).
     """
     from tqdm.auto import tqdm
 
-    kinds = _check(samples, window, kinds)
+    kinds = check_options(samples, window, kinds)
+    if method == "exact":
+        tracer = functools.partial(trace_encoded, chunk_tokens=chunk_tokens)
+    elif method == "atp":
+        from jaxedit.locate import atp  # atp builds on this module: imported when asked for
+
+        tracer = functools.partial(atp.trace_encoded, **(atp_options or {}))
+    else:
+        raise InputError(f"method must be 'exact' or 'atp', got {method!r}")
     bad = [c for c in classes if c not in TOKEN_CLASSES]
     if bad:
         raise InputError(f"unknown token classes {bad}; known: {list(TOKEN_CLASSES)}")
@@ -625,7 +722,7 @@ def trace_dataset(
     encoded, invalid = [], 0
     for fact in facts:
         try:
-            encoded.append((fact, _encode(lm, fact["prompt"], fact["subject"])))
+            encoded.append((fact, encode_fact(lm, fact["prompt"], fact["subject"])))
         except InputError:
             invalid += 1
     if not encoded:
@@ -647,9 +744,9 @@ def trace_dataset(
             continue
         cls_rows = token_classes(len(ids), be)
         rows = sorted({i for c in classes for i in cls_rows[c]})
-        r = _trace_encoded(
-            lm, fact["prompt"], fact["subject"], ids, be, T, pad, batch, nu, kinds, samples,
-            window, seed, rows, fact.get("expect"), chunk_tokens, time.perf_counter(),
+        r = tracer(
+            lm, fact["prompt"], fact["subject"], (ids, be, T, pad, batch), nu, kinds=kinds,
+            samples=samples, window=window, seed=seed, rows=rows, expect=fact.get("expect"),
         )  # fmt: skip
         if r is None:
             skipped += 1
@@ -660,6 +757,7 @@ def trace_dataset(
     bar.close()
     summary = {
         "model": lm.name,
+        "method": method,
         "n_facts": len(results),
         "n_skipped": skipped,
         "n_invalid": invalid,

@@ -31,6 +31,21 @@ def add_arguments(p):
     p.add_argument("--force", action="store_true", help="overwrite the files of an earlier --out")
     p.add_argument("--format", default="png", choices=("png", "pdf"), help="figure format")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--method",
+        default="exact",
+        choices=("exact", "atp"),
+        help="exact: the patching grid (one run per cell); atp: attribution patching, every "
+        "cell estimated from one forward + backward per noise sample (Kramár et al. 2024)",
+    )
+    p.add_argument("--graddrop", action="store_true", help="atp: AtP*'s GradDrop (L backwards)")
+    p.add_argument(
+        "--verify-top",
+        type=int,
+        default=0,
+        metavar="K",
+        help="atp: re-run the exact patch on the K highest cells of each kind",
+    )
 
 
 def run(args) -> dict:
@@ -41,6 +56,11 @@ def run(args) -> dict:
         raise InputError(f"--n must be >= 1, got {args.n}")
     if not 1 <= args.samples <= MAX_SAMPLES:
         raise InputError(f"--samples must be 1..{MAX_SAMPLES}, got {args.samples}")
+    if args.method != "atp" and (args.graddrop or args.verify_top):
+        raise InputError("--graddrop and --verify-top go with --method atp")
+    if args.verify_top < 0:
+        raise InputError(f"--verify-top must be >= 0, got {args.verify_top}")
+    atp_options = {"graddrop": args.graddrop, "verify_top": args.verify_top}
     check_out_dir(args.out, force=args.force, resumable=False)  # before the model loads
     lm = load_model(args)
     from jaxedit.locate import plots
@@ -48,7 +68,7 @@ def run(args) -> dict:
     if args.data is not None:
         # Read more records than --n: facts the model gets wrong are skipped, not traced.
         facts = tr.load_facts(args.data)
-        summary, _ = tr.trace_dataset(
+        summary, results = tr.trace_dataset(
             lm,
             facts,
             kinds=kinds,
@@ -58,26 +78,28 @@ def run(args) -> dict:
             seed=args.seed,
             limit=args.n,
             progress=progress.shown(),
+            method=args.method,
+            atp_options=atp_options if args.method == "atp" else None,
         )
         if summary["n_facts"] == 0:
             raise InputError("the model predicted none of the facts correctly: nothing to average")
         if "mlp" in summary["kinds"] and "last subject token" in summary["kinds"]["mlp"]:
             summary["mlp_peak_layer_last_subject_token"] = tr.peak_layer(summary)
+        # Each fact's grid, one trace.json object per line, beside the averages.
+        lines = "".join(json.dumps(tr.to_json(r)) + "\n" for r in results)
+        write_text_atomic(os.path.join(args.out, "facts.jsonl"), lines)
         _write(os.path.join(args.out, "summary.json"), summary)
         fig = plots.save_average_effects(
             summary, os.path.join(args.out, f"average_effects.{args.format}")
         )
         return {**summary, "figure": fig, "out": args.out}
-    result = tr.trace(
-        lm,
-        args.prompt,
-        args.subject,
-        kinds=kinds,
-        samples=args.samples,
-        noise=_noise(args.noise),
-        window=args.window,
-        seed=args.seed,
-    )
+    one = dict(kinds=kinds, samples=args.samples, noise=_noise(args.noise), window=args.window)
+    if args.method == "atp":
+        from jaxedit.locate import atp
+
+        result = atp.atp_trace(lm, args.prompt, args.subject, seed=args.seed, **one, **atp_options)
+    else:
+        result = tr.trace(lm, args.prompt, args.subject, seed=args.seed, **one)
     plots.save_heatmaps(result, args.out, args.format)
     out = tr.to_json(result)
     _write(os.path.join(args.out, "trace.json"), out)
@@ -108,7 +130,7 @@ def render(r: dict) -> str:
                 lines.append(
                     f"  {kind:6s} {cls:24s} peak layer {peak:2d}  AIE {v['mean'][peak]:.3f}"
                 )
-        lines.append(f"wrote {r['out']}/summary.json and {r['figure']}")
+        lines.append(f"wrote {r['out']}/summary.json, facts.jsonl and {r['figure']}")
         return "\n".join(lines)
     b, e = r["subject_range"]
     lines = [
@@ -126,5 +148,13 @@ def render(r: dict) -> str:
             f"  {kind:6s} max p={best[0]:.4f} at token {best[1]} {r['tokens'][best[1]]!r}, "
             f"layer {best[2]}"
         )
+    if r.get("method") == "atp":
+        lines.insert(0, "attribution patching (AtP" + ("* GradDrop" if r["graddrop"] else "") + ")")
+        for kind, cells in r.get("verified", {}).items():
+            for c in cells:
+                lines.append(
+                    f"  verified {kind:6s} token {c['token']:2d} layer {c['layer']:2d}: "
+                    f"estimate {c['estimate']:.4f}, exact {c['exact']:.4f}"
+                )
     lines.append(f"{r['seconds']:.1f} s")
     return "\n".join(lines)
