@@ -18,6 +18,7 @@ from jaxedit.cli.commands.data import resolve_data_args
 from jaxedit.errors import InputError
 from jaxedit.eval import datasets
 from jaxedit.eval.datasets import registry
+from jaxedit.io.atomic import file_mode
 
 # The shared copies each registered sha256 was computed from.
 SHARED = {
@@ -129,7 +130,7 @@ def test_data_list_works_offline(cache, offline, capsys):
     rows = json.loads(out)["data"]
     assert [r["name"] for r in rows] == registry.names()
     assert not any(r["cached"] for r in rows)
-    assert offline == [] and not cache.exists()  # listing neither downloads nor writes
+    assert offline == [] and not (cache / "data").exists()  # no download, nothing written
 
 
 # ----------------------------------------------------------------------------- get
@@ -145,7 +146,7 @@ def test_get_offline_fails_with_one_line_and_writes_nothing(cache, offline, caps
     assert "Name or service not known" in line and "--data PATH" in line
     assert "Traceback" not in err
     assert offline == list(registry.get_entry("counterfact").urls)  # canonical, then mirror
-    assert not cache.exists()  # not even the directory
+    assert not (cache / "data").exists()  # not even the directory
 
 
 def test_real_fetch_url_to_a_closed_port_fails_cleanly(cache, tmp_path):
@@ -155,7 +156,7 @@ def test_real_fetch_url_to_a_closed_port_fails_cleanly(cache, tmp_path):
     with pytest.raises(InputError) as e:
         registry.get("known_1000", fetch=closed)
     assert "cannot download known_1000" in str(e.value) and "\n" not in str(e.value)
-    assert not cache.exists()
+    assert not (cache / "data").exists()
 
 
 def test_get_downloads_verifies_and_keeps(cache, data_dir, monkeypatch, capsys):
@@ -168,7 +169,7 @@ def test_get_downloads_verifies_and_keeps(cache, data_dir, monkeypatch, capsys):
     assert path == cache / "data" / "known_1000.json" and r["downloaded"]
     assert r["source"] == registry.get_entry("known_1000").urls[0] and len(asked) == 1
     assert path.read_bytes() == (Path(data_dir) / SHARED["known_1000"]).read_bytes()
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.stat().st_mode) == file_mode()  # 0644 under umask 022
     assert _files(cache / "data") == [path]  # no temporary file left
     # Present and valid: kept, nothing fetched again; `data path` names it.
     rc, out, _ = _run(capsys, "data", "get", "known_1000")
@@ -275,7 +276,9 @@ def test_every_cli_data_argument_accepts_a_name(cache, data_dir, capsys):
         (["trace", "--data", "known_1000"], "data", known),
         (["mend-train", "--data", "counterfact-edit", "--out", "x"], "data", path),
         (["edit", "--requests", "counterfact-edit"], "requests", path),
-    ]
+        (["mend-train", "--data", "counterfact-edit,known_1000", "--out", "x"], "data",
+         f"{path},{known}"),
+    ]  # fmt: skip
     for argv, dest, want in cases:
         args = build_parser().parse_args(argv)
         resolve_data_args(args)

@@ -6,12 +6,14 @@
     jaxedit data path counterfact             # the cached file (for scripts)
 
 Every data argument of the other commands (`--data`, `--requests`, `--known-facts`) accepts a
-registered name as well as a path (`resolve_data_args`, called by `jaxedit.cli.main`).
+registered name as well as a path, also inside a comma-separated list (`resolve_data_args`,
+called by `jaxedit.cli.main`); an existing path always wins over a name.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from jaxedit.errors import InputError
 from jaxedit.eval.datasets import registry
@@ -30,8 +32,13 @@ def resolve_data_args(args: argparse.Namespace) -> None:
         return
     for dest, flag in DATA_ARGS.items():
         value = getattr(args, dest, None)
-        if isinstance(value, str):
-            setattr(args, dest, registry.resolve(value, flag))
+        if not isinstance(value, str):
+            continue
+        if "," in value and not os.path.exists(value):  # a list (mend-train --data a,b)
+            value = ",".join(registry.resolve(v, flag) for v in value.split(","))
+        else:
+            value = registry.resolve(value, flag)
+        setattr(args, dest, value)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jaxedit.errors import InputError
+from jaxedit.io.atomic import file_mode
 
 _ROME = "https://rome.baulab.info/data/dsets"
 _ROME_GIT = (
@@ -429,7 +430,7 @@ def get(
                 how(where, Path(tmp), progress)
                 bad = verify(e, tmp)
                 if bad is None:
-                    os.chmod(tmp, 0o644)
+                    os.chmod(tmp, file_mode())  # mkstemp's 0600 -> what open() would give
                     os.replace(tmp, dest)
                     return Fetched(dest, where, e.checksum, True)
                 failures.append(f"{where}: checksum mismatch ({bad})")
