@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 
 from jaxedit import methods
+from jaxedit.edits import ContextEdit, apply
 from jaxedit.eval import generation, measure, metrics, runner
 from jaxedit.eval.measure import GenScore, gen_case_metrics, gen_queries, measure_generated
 from jaxedit.models.generate import generate
@@ -185,6 +186,16 @@ def test_greedy_ids_equal_one_prompt_generation(tiny):
         # the KV-cached greedy generator of jaxedit.models.generate (stops at EOS; ours not)
         text = generate(tiny, p.rstrip(), max_new_tokens=n)
         assert tiny.tokenizer.decode(i).startswith(text)
+
+
+def test_greedy_ids_read_a_context_edit(tiny):
+    """An IKE-style context runs once into a KV cache: the same continuations as the plain
+    model on context + prompt."""
+    fact = "The Eiffel Tower is located in the city of Rome"
+    edited = apply(tiny, ContextEdit((fact,), reserve_tokens=16))
+    ctx = edited.context_text()
+    got = generation.greedy_ids(edited, PROMPTS[:3], [4, 6, 2])
+    assert got == generation.greedy_ids(tiny, [ctx + p for p in PROMPTS[:3]], [4, 6, 2])
 
 
 def test_greedy_ids_in_several_chunks(tiny, monkeypatch):
