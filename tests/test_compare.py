@@ -167,3 +167,34 @@ def test_cli(runs, tmp_path, capsys):
     assert (out / "compare.md").exists()
     assert cli.main(["eval", "--compare", runs[0], "--data", "x.json"]) == 2
     assert "drop --data" in capsys.readouterr().err
+
+
+def test_common_cases_resummarise_each_run(tmp_path):
+    """--common-cases: every run of a data set summarised over the cases they all measured."""
+
+    def run(method, values):  # {case: (edited reliability, unedited reliability)}
+        cases = [
+            {"case_id": c, "metrics": {"reliability": a}, "baseline": {"reliability": b}}
+            for c, (a, b) in values.items()
+        ]
+        summary = lambda key: {
+            "reliability": s(sum(c[key]["reliability"] for c in cases) / len(cases), len(cases))
+        }  # noqa: E501
+        return result(method, summary("metrics"), summary("baseline"), cases=()) | {
+            "cases": cases,
+            "n": len(cases),
+        }
+
+    a = write(tmp_path, "a", run("rome", {1: (1.0, 0.0), 2: (0.5, 0.0), 3: (0.0, 1.0)}))
+    b = write(tmp_path, "b", run("memit", {1: (0.0, 0.0), 2: (1.0, 0.0)}))
+    plain = cells(compare.compare([a, b])["markdown"])
+    assert [r["n"] for r in plain] == ["3", "2", "3", "2"]  # two case sets, two unedited rows
+    t = cells(compare.compare([a, b], common=True)["markdown"])
+    assert [(r["run"], r["n"], r["reliability acc"]) for r in t] == [
+        ("unedited", "2", "0.00"),
+        ("rome", "2", "0.75"),
+        ("memit", "2", "0.50"),
+    ]
+    c = write(tmp_path, "c", run("ft", {7: (1.0, 0.0)}))
+    with pytest.raises(InputError, match="share no case"):
+        compare.compare([a, c], common=True)

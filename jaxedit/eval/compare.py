@@ -19,6 +19,11 @@ A cell shows the mean over the cases that have the metric; "(k)" follows it when
 with that metric (e.g. a reverse probe), is fewer than the row's n; "—" where the run did not
 measure it (older runs have no `*_gen`). `compare(dirs, out)` writes `compare.md` and
 `compare.png` (bars: teacher-forced token accuracy beside generated success, per run).
+
+`common=True` (`--common-cases`) puts runs of different sizes on the same footing: per data
+set, every run is summarised again (`report.summarize` of its per-case rows) over the cases all
+its runs measured, so that one unedited row serves them all. The general block (measured on
+the model after a run's last edit) is left as it is.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from jaxedit.errors import InputError
+from jaxedit.eval import report
 from jaxedit.io.atomic import write_text_atomic
 
 # (group, column, metric name(s): the first one present is shown)
@@ -104,6 +110,30 @@ def _general(res: dict, side: str) -> tuple[float | None, float | None]:
 def _case_set(res: dict) -> tuple:
     cases = tuple(sorted(str(c.get("case_id")) for c in res.get("cases", [])))
     return (Path(res.get("data", "")).name, cases)
+
+
+def _ids(res: dict) -> set[str]:
+    return {str(c.get("case_id")) for c in res.get("cases", []) if "metrics" in c}
+
+
+def restrict(results: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Each result summarised again over the cases every run of its data set measured."""
+    shared: dict[str, set[str]] = {}
+    for _, res in results:
+        name = Path(res.get("data", "")).name
+        shared[name] = shared[name] & _ids(res) if name in shared else _ids(res)
+    out = []
+    for src, res in results:
+        keep = shared[Path(res.get("data", "")).name]
+        if not keep:
+            raise InputError(f"--common-cases: the runs on {res.get('data')} share no case")
+        cases = [c for c in res.get("cases", []) if str(c.get("case_id")) in keep]
+        summary = {
+            "metrics": report.summarize([c["metrics"] for c in cases]),
+            "baseline": report.summarize([c.get("baseline", {}) for c in cases]),
+        }
+        out.append((src, res | summary | {"cases": cases, "n": len(cases)}))
+    return out
 
 
 def rows(results: list[tuple[str, dict]]) -> list[Row]:
@@ -206,13 +236,13 @@ def plot(table_rows: list[Row], path: str | Path) -> None:
     tmp.replace(path)
 
 
-def compare(dirs: list[str], out: str | Path | None = None) -> dict:
-    """Load the runs in `dirs`, build the rows; with `out`, write compare.md and compare.png
-    there. Returns {"markdown", "rows", "files"}."""
+def compare(dirs: list[str], out: str | Path | None = None, *, common: bool = False) -> dict:
+    """Load the runs in `dirs`, build the rows (`common`: over the cases shared per data set);
+    with `out`, write compare.md and compare.png there. Returns {"markdown", "rows", "files"}."""
     if not dirs:
         raise InputError("--compare needs at least one result directory")
     results = [(str(d), load_result(d)) for d in dirs]
-    table_rows = rows(results)
+    table_rows = rows(restrict(results) if common else results)
     md = render(table_rows)
     files = []
     if out is not None:

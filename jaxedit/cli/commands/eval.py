@@ -28,15 +28,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import random
+import shutil
 from pathlib import Path
 
+from jaxedit import progress
 from jaxedit.cli.method_args import add_method_arguments, hparams_json, method_and_hparams
 from jaxedit.cli.shared import load_model
 from jaxedit.errors import InputError
 from jaxedit.eval import compare, datasets, general, report, runner
 from jaxedit.eval.datasets.snippets import load_snippets
 from jaxedit.eval.generation import DECODINGS, DEFAULT_DECODING, Decoding
+from jaxedit.io.atomic import check_out_dir
 
 NAME = "eval"
 HELP = "evaluate an editing method on CounterFact / zsRE / KnowEdit / MQuAKE (with baseline)"
@@ -88,8 +92,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="continue the run in --out (independent: skip finished cases; sequential: from "
-        "the last round's checkpoint)",
+        "the last round's checkpoint); a larger --n extends it",
     )
+    p.add_argument("--force", action="store_true", help="overwrite the run in an existing --out")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample and of generation")
     g = p.add_argument_group("generation metrics")
     g.add_argument("--generation", action="store_true", help="also fluency (and consistency)")
@@ -140,6 +145,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="instead of evaluating: one table (Markdown + PNG plot) of these runs' results, "
         "with the unedited rows; written to --out (default runs/compare)",
+    )
+    p.add_argument(
+        "--common-cases",
+        action="store_true",
+        help="--compare: summarise every run over the cases all runs of its data set measured",
     )
 
 
@@ -204,15 +214,46 @@ def run(args) -> dict:
         if args.data:
             raise InputError("--compare reads finished runs' directories: drop --data")
         out = args.out or str(Path("runs") / "compare")
-        return {"compare": compare.compare(args.compare, out)}
+        return {"compare": compare.compare(args.compare, out, common=args.common_cases)}
     ds = _select(args)
     suite = _general(args, ds)
     decoding = _decoding(args)
     snippets = load_snippets(args.snippets) if args.snippets else None
+    out = args.out or str(Path("runs") / "eval" / f"{args.method}-{Path(args.data).stem}")
+    if args.resume and args.force:
+        raise InputError("--resume continues the run in --out, --force replaces it: choose one")
+    check_out_dir(out, resume=args.resume, force=args.force)  # before the model loads
+    fresh = not os.path.exists(out)
+    try:
+        return _evaluate(args, ds, suite, decoding, snippets, out)
+    except BaseException:
+        if fresh:  # a run that failed before its first case leaves no directory behind
+            _remove_unstarted(out)
+        raise
+
+
+def _remove_unstarted(out: str) -> None:
+    """Remove `out` (created by this run) if no case was measured: it holds at most the run's
+    header, nothing to resume."""
+    d = Path(out)
+    cases = d / "cases.jsonl"
+    if (
+        d.is_dir()
+        and not (cases.exists() and cases.stat().st_size)
+        and not (d / "lifelong").exists()
+    ):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _evaluate(args, ds, suite, decoding, snippets, out: str) -> dict:
     lm = load_model(args)
+    if decoding is not None and decoding.max_out_len > lm.config.max_positions:
+        raise InputError(
+            f"--gen-length {decoding.max_out_len}: the model has {lm.config.max_positions} "
+            "positions"
+        )
     method, hp = method_and_hparams(args, lm)
-    state = method.prepare(lm, hp, cache_dir=args.cache_dir, progress=not args.no_progress)
-    out = args.out or str(Path("runs") / "eval" / f"{method.name}-{Path(args.data).stem}")
+    state = method.prepare(lm, hp, cache_dir=args.cache_dir, progress=progress.shown())
     result = runner.evaluate(
         lm,
         ds.requests,
@@ -225,7 +266,7 @@ def run(args) -> dict:
         batch_size=args.batch_size,
         out=out,
         resume=args.resume,
-        progress=not args.no_progress,
+        progress=progress.shown(),
         generation=decoding,
         snippets=snippets,
         general=suite or False,
