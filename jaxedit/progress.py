@@ -88,7 +88,7 @@ class Bar:
         self.enabled = shown() if enabled is None else bool(enabled)
         self.desc, self.unit, self.estimate = desc, unit, estimate and self.enabled
         self.t0 = time.perf_counter()
-        self.done = 0
+        self.done = self.skipped = 0
         self.bar = tqdm(
             total=total,
             desc=desc,
@@ -104,15 +104,22 @@ class Bar:
     def total(self) -> int | None:
         return self.bar.total
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, *, timed: bool = True) -> None:
+        """`n` more items done; `timed=False` for items that cost nothing here (read back by a
+        resumed run): they are not measured, and the estimate covers the others."""
         self.bar.update(n)
+        if not timed:
+            self.skipped += n
+            self.t0 = time.perf_counter()
+            return
         first = self.done == 0 and n > 0
         self.done += n
-        if first and self.estimate and self.total and self.total > self.done:
+        todo = (self.total or 0) - self.skipped
+        if first and self.estimate and todo > self.done:
             each = (time.perf_counter() - self.t0) / self.done
             self.write(
                 f"{self.desc}: the first {self.unit} took {duration(each)} (compiling included): "
-                f"about {duration(each * self.total)} for {self.total} at that pace"
+                f"about {duration(each * todo)} for {todo} at that pace"
             )
 
     def restart_clock(self) -> None:

@@ -267,7 +267,8 @@ def test_independent_resume_keeps_the_general_block(tiny, tmp_path):
     again = runner.evaluate(tiny, REQS[:3], spying(COUNTER, seen), state, resume=True, **kw)
     assert seen == [] and without_seconds(again) == without_seconds(whole)
     rows = (tmp_path / "cases.jsonl").read_text().splitlines()
-    assert json.loads(rows[-1]) == {"general": whole["general"]["edited"]}
+    last = {"general": whole["general"]["edited"], "after": str(REQS[2].case_id)}
+    assert json.loads(rows[-1]) == last
     (tmp_path / "cases.jsonl").write_text("\n".join(rows[:-1]) + "\n")
     third = runner.evaluate(tiny, REQS[:3], spying(COUNTER, seen), state, resume=True, **kw)
     assert [ids for _, _, ids in seen] == [[REQS[2].case_id]]

@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except UnicodeDecodeError as e:  # a reader that did not name its file: still one line
         print(
-            f"jaxedit {mod.NAME}: error: an input file is not UTF-8 text ({e.reason}, byte "
-            f"{e.object[e.start : e.start + 1]!r} at offset {e.start}); save it as UTF-8",
+            f"jaxedit {mod.NAME}: error: an input file is not UTF-8 text (byte "
+            f"0x{e.object[e.start]:02x} at offset {e.start}: {e.reason}); save it as UTF-8",
             file=sys.stderr,
         )
         return 2

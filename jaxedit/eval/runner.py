@@ -31,12 +31,14 @@ model is the final one (sequential) or the one after the last edit (independent,
 
 Files, in `out`: per-case results appended to `cases.jsonl` as they are measured (a crash or
 Ctrl-C loses nothing; also `{"curve": point}` and, in independent mode, `{"general": the last
-edited model's block}` lines), then `results.json` and `results.md` (`jaxedit.eval.report`).
-`resume=True` continues a run: independent mode skips finished cases; sequential mode restarts
-from the checkpoint written after every round, `lifelong/progress.json` (rounds done, their case
-ids, infos, curve, seconds) naming `lifelong/round-NNNNNN/` (`edit.safetensors`: the
-accumulated edit, one delta per weight; `state`: `method.save_state`); a resumed run ends with
-the results of an uninterrupted one.
+edited model's block, "after": its case id}` lines), then `results.json` and `results.md`
+(`jaxedit.eval.report`). `resume=True` continues a run: independent mode skips finished cases;
+sequential mode restarts from the checkpoint written after every round,
+`lifelong/progress.json` (rounds done, their case ids, infos, curve, seconds) naming
+`lifelong/round-NNNNNN/` (`edit.safetensors`: the accumulated edit, one delta per weight;
+`state`: `method.save_state`); a resumed run ends with the results of an uninterrupted one. A
+resumed run may have more cases than the one it continues (a larger `--n`): the finished ones
+are kept (sequential: the saved rounds must be its first rounds) and the rest are run.
 Metric definitions: `jaxedit.eval.metrics`; what each request is scored on:
 `jaxedit.eval.measure`.
 """
@@ -47,7 +49,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxedit import progress as progress_bars
 from jaxedit.edits import Edit, WeightEdit, apply, load_edit, save_edit
 from jaxedit.errors import CheckpointError, InputError
 from jaxedit.eval import report
@@ -95,7 +97,8 @@ class CaseLog:
     def __init__(self, out: str | Path | None, header: dict, *, resume: bool):
         self.dir = None if out is None else Path(out)
         self.done: dict[str, dict] = {}
-        self.general: dict | None = None  # a finished independent run's general block
+        # independent runs: the general block measured after the edit of case id "after"
+        self.general_after: dict[str | None, dict] = {}
         if self.dir is None:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -104,12 +107,15 @@ class CaseLog:
         if resume:
             if run_path.exists():
                 prev = json.loads(run_path.read_text())
-                diff = sorted(k for k in set(prev) | set(header) if prev.get(k) != header.get(k))
+                # Another n (--n, --max-cases) is the same run cut elsewhere: a larger one extends
+                # it (finished cases are kept; sequential rounds must be a prefix, checked there).
+                keys = (set(prev) | set(header)) - {"n"}
+                diff = sorted(k for k in keys if prev.get(k) != header.get(k))
                 if diff:
                     raise InputError(f"--resume: {self.dir} holds a different run ({diff})")
             intact = _read_rows(self.cases)
             self.done = {str(row["case_id"]): row for row in intact if "case_id" in row}
-            self.general = next((r["general"] for r in intact if "general" in r), None)
+            self.general_after = {r.get("after"): r["general"] for r in intact if "general" in r}
             # Drop a line cut by the crash before appending: rows written after it would be
             # glued to it and lost to the next resume.
             self.rewrite(intact)
@@ -306,7 +312,7 @@ def run_independent(run: _Run, groups: list[list[EditRequest]]) -> None:
         if all(done):
             run.rows.extend(done)
             run.seconds.append(float(done[0].get("seconds") or 0.0))  # its measured time
-            run.bar.update(1)
+            run.bar.update(1, timed=False)
             continue
         t0 = time.time()
         edited, info = run.edit(run.lm, g)
@@ -316,10 +322,13 @@ def run_independent(run: _Run, groups: list[list[EditRequest]]) -> None:
         run.record(g, posts, secs, edited, info)
         if k == len(groups) - 1 and run.general is not None:
             run.last_general = run.general_of(edited)
-            run.log.append({"general": run.last_general})
+            run.log.append({"general": run.last_general, "after": str(g[-1].case_id)})
         run.bar.update(1)
     if run.general is not None and run.last_general is None:
-        run.last_general = run.log.general  # measured by the run this one resumes
+        # measured by the run this one resumes, after the same last case (a line without
+        # "after" comes from an older version of this file)
+        after = run.log.general_after
+        run.last_general = after.get(str(groups[-1][-1].case_id), after.get(None))
         if run.last_general is None:  # (it stopped before): the last case's edit again
             run.last_general = run.general_of(run.edit(run.lm, groups[-1])[0])
 
@@ -375,7 +384,7 @@ def run_sequential(
     run.log.rewrite([{"curve": c} for c in curve])  # cases are measured after the last round
     cur = run.lm if acc is None else apply(run.lm, acc)
     elapsed = lambda: before + time.time() - run.t_start
-    run.bar.update(done)
+    run.bar.update(done, timed=False)
     for k in range(done, len(rounds)):
         t0 = time.time()
         edit, info, state = run.method.step(cur, state, rounds[k])
@@ -623,6 +632,7 @@ def evaluate(
         kept = [r for g in groups for r in g]
         run.gen_base = dict(zip(map(id, kept), measure_generated(lm, kept), strict=True))
     seq: dict = {}
+    bar.restart_clock()  # the estimate times the cases, not the set-up above
     try:
         if mode == "independent":
             run_independent(run, groups)
@@ -695,10 +705,9 @@ def _spread(secs: list[float]) -> dict:
     return {"median": float(np.median(secs)), "p90": float(np.percentile(secs, 90))}
 
 
-def _progress(total: int, enabled: bool, desc: str, unit: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled)
+def _progress(total: int, enabled: bool, desc: str, unit: str) -> progress_bars.Bar:
+    """The run's bar on stderr, with an estimate of the whole run after its first item."""
+    return progress_bars.bar(total, desc, unit, enabled=enabled, estimate=True)
 
 
 # ----------------------------------------------------------------------------- demo helper

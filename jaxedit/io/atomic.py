@@ -109,9 +109,11 @@ def check_out_dir(
     force: bool = False,
     flag: str = "--out",
     resumable: bool = True,
+    forceable: bool = True,
 ) -> None:
     """Refuse to write into an existing, non-empty output directory unless told to continue the
-    run in it (`--resume`) or to overwrite it (`--force`)."""
+    run in it (`--resume`) or to overwrite it (`--force`); the message names the flags the
+    command has (`resumable`, `forceable`)."""
     out = Path(path)
     if not out.exists() or force:
         return
@@ -119,8 +121,10 @@ def check_out_dir(
         raise InputError(f"{flag} {out} exists and is not a directory")
     if resume or not any(out.iterdir()):
         return
-    how = "--resume to continue it, --force to overwrite" if resumable else "--force to overwrite"
-    raise InputError(f"{flag} {out} exists and is not empty ({how}, or choose another {flag})")
+    how = ["--resume to continue it"] * resumable + ["--force to overwrite"] * forceable
+    raise InputError(
+        f"{flag} {out} exists and is not empty ({', '.join([*how, f'or choose another {flag}'])})"
+    )
 
 
 def remove_new_empty_dirs(paths: Iterable[str | os.PathLike]) -> None:

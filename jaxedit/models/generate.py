@@ -197,7 +197,7 @@ def generate(
     if used > lm.config.max_positions:
         raise InputError(
             f"prompt and {max_new_tokens} new tokens need {used} positions, more than the "
-            f"model's {lm.config.max_positions}"
+            f"model's {lm.config.max_positions} positions"
         )
     b = lm.tokenizer.batch(rows, padding="left")
     toks = np.asarray(

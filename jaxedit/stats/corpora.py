@@ -181,19 +181,26 @@ def file_fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+# Where a user sets the statistics corpus: hints name exactly these.
+CORPUS_FLAGS = "`--set mom2_corpus=self` for edit / eval, `--corpus self` for jaxedit stats"
+
+
 def load_hf_dataset(name: str, config: str) -> Sequence[dict]:
     """The "train" split of a hub data set (downloaded once, memory-mapped by `datasets`)."""
     try:
         import datasets
     except ImportError as e:
         raise InputError(
-            f"corpus {name}/{config} needs the `datasets` package and network access; "
-            "use corpus 'self' (offline) or a local text file"
+            f"corpus {name}/{config} needs the `datasets` package and network access; use the "
+            f"corpus 'self' (offline) or a local text file instead ({CORPUS_FLAGS})"
         ) from e
     try:
         return datasets.load_dataset(name, config, split="train")
     except Exception as e:  # network, auth and format errors all end here
-        raise InputError(f"could not load {name}/{config} from the HF hub: {e}") from e
+        raise InputError(
+            f"could not load {name}/{config} from the HF hub ({e}); the corpus 'self' works "
+            f"offline ({CORPUS_FLAGS})"
+        ) from e
 
 
 def sampled_texts(dataset: Sequence[dict], seed: int) -> Iterator[str]:

@@ -13,7 +13,9 @@ writes each case's task instruction into its edit and rephrase inputs (FILE: a J
 
 from __future__ import annotations
 
+from jaxedit import progress
 from jaxedit.cli.shared import load_model
+from jaxedit.io.atomic import check_out_dir
 
 NAME = "mend-train"
 HELP = "meta-train a MEND editor (writes DIR/ with checkpoints, config.json, train_log.jsonl)"
@@ -70,6 +72,7 @@ def run(args) -> dict:
     from jaxedit.methods.mend.train import train
 
     # bad data or instructions fail before the model loads
+    check_out_dir(args.out, resume=args.resume, forceable=False)  # before anything loads
     cases = load_data(args.data, args.format, args.limit)
     instructions = None
     if args.instructions:
@@ -94,7 +97,7 @@ def run(args) -> dict:
         val_size=args.val_size,
         patience=args.patience,
         resume=args.resume,
-        progress=not args.no_progress,
+        progress=progress.shown(),
         data_name=str(args.data),
         instructions=instructions,
     )

@@ -6,8 +6,9 @@ import time
 
 import numpy as np
 
-from jaxedit import stats
+from jaxedit import progress, stats
 from jaxedit.cli.shared import load_model
+from jaxedit.errors import InputError
 
 NAME = "stats"
 HELP = "compute (or load from the cache) the key second moment C = E[k kᵀ] of a layer"
@@ -47,8 +48,26 @@ def add_arguments(p):
     )
 
 
+MAX_TOKENS = 10**9  # a billion keys: days on a CPU, and far past what C = E[k kᵀ] needs
+MAX_BATCH_TOKENS = 1 << 20  # keys [batch, F] in fp32: 1M tokens × 8192 wide is 32 GiB
+
+
+def _check(args, max_positions: int | None = None) -> None:
+    if not 1 <= args.tokens <= MAX_TOKENS:
+        raise InputError(f"--tokens must be 1..{MAX_TOKENS:,}, got {args.tokens}")
+    if not 1 <= args.batch_tokens <= MAX_BATCH_TOKENS:
+        raise InputError(f"--batch-tokens must be 1..{MAX_BATCH_TOKENS:,}, got {args.batch_tokens}")
+    if args.samples is not None and args.samples < 1:
+        raise InputError(f"--samples must be at least 1, got {args.samples}")
+    top = max_positions or args.max_len
+    if not 1 <= args.max_len <= top:
+        raise InputError(f"--max-len must be 1..{top} (the model's positions), got {args.max_len}")
+
+
 def run(args) -> dict:
+    _check(args)  # before the model loads
     lm = load_model(args)
+    _check(args, lm.config.max_positions)
     t0 = time.perf_counter()
     st = stats.layer_stats(
         lm,
@@ -63,7 +82,7 @@ def run(args) -> dict:
         on_bad_cache="error" if args.strict_cache else "rebuild",
         batch_tokens=args.batch_tokens,
         seed=args.seed,
-        progress=not args.json,
+        progress=progress.shown(),
     )
     eig = np.linalg.eigvalsh(np.asarray(st.mom2, np.float64))
     return {
