@@ -126,6 +126,9 @@ class Bar:
         """Measure the estimate from now (after set-up that the items do not repeat)."""
         self.t0 = time.perf_counter()
 
+    def set_postfix(self, **values) -> None:
+        self.bar.set_postfix(**values)
+
     def postfix(self, text: str) -> None:
         self.bar.set_postfix_str(text, refresh=True)
 

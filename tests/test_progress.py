@@ -123,3 +123,25 @@ def test_demo_names_its_steps_on_stderr(smollm, capsys, monkeypatch):
     assert json.loads(cap.out)["predictions"]  # stdout holds the JSON alone
     assert main(["demo", "--quick", "--json", "--no-progress"]) == 0
     assert "demo" not in capsys.readouterr().err
+
+
+def test_trace_cells_and_the_data_set_estimate(capsys):
+    """One trace shows its cells (under the command line's scope); a data-set trace shows one
+    bar over the facts, no cell bars, and an estimate after the first fact."""
+    from pathlib import Path
+
+    from jaxedit.locate import trace
+
+    gpt2 = je.load(str(Path(__file__).parent / "goldens" / "gpt2"))
+    kw = dict(kinds=("hidden",), samples=2)
+    trace.trace(gpt2, "hello world foo", "world", **kw)
+    assert capsys.readouterr().err == ""  # from Python: quiet
+    with progress.scope(True):
+        trace.trace(gpt2, "hello world foo", "world", **kw)
+    assert "trace cells" in capsys.readouterr().err
+    facts = [{"prompt": p, "subject": s} for p, s in [("hello world foo", "world")] * 3]
+    with progress.scope(True):
+        trace.trace_dataset(gpt2, facts, progress=True, **kw)
+    err = capsys.readouterr().err
+    assert "tracing: the first fact took" in err and "for 3 at that pace" in err
+    assert "trace cells" not in err

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxedit import progress as progress_bars
 from jaxedit.errors import InputError
 from jaxedit.io.tokenizer import bucket, fine_bucket
 from jaxedit.models.sites import SitePatch
@@ -315,7 +316,11 @@ def _run_cells(cfg, params, prep, mask, groups, T, samples, chunk_tokens) -> np.
     """p(answer) of every cell of `groups` (see `group_cells`), in `index` order."""
     answer, _, _, clean, inputs, kv = prep
     pending = []
-    for suffix, part, n in chunk_plan(groups, cfg.n_layers, samples, chunk_tokens):
+    plan = list(chunk_plan(groups, cfg.n_layers, samples, chunk_tokens))
+    # Cells on a bar when the command line shows progress: chunks run in dispatch order, so
+    # reading them back one by one follows the work as it completes.
+    bar = progress_bars.bar(sum(n for *_, n in plan), "trace cells", "cell", leave=False)
+    for suffix, part, n in plan:
         probs = _grid_chunk(
             cfg,
             params,
@@ -335,6 +340,8 @@ def _run_cells(cfg, params, prep, mask, groups, T, samples, chunk_tokens) -> np.
     out = np.full(sum(len(c) for c in groups.values()), np.nan, np.float32)
     for part, probs in pending:  # read back only after everything is dispatched
         out[part[:, 6]] = np.asarray(probs)[: len(part)]
+        bar.update(len(part))
+    bar.close()
     return out
 
 
@@ -704,8 +711,6 @@ def trace_dataset(
     "atp" (attribution patching, `jaxedit.locate.atp`, with `atp_options` such as graddrop or
     verify_top). Returns (summary, per-fact results).
     """
-    from tqdm.auto import tqdm
-
     kinds = check_options(samples, window, kinds)
     if method == "exact":
         tracer = functools.partial(trace_encoded, chunk_tokens=chunk_tokens)
@@ -732,8 +737,10 @@ def trace_dataset(
     # One batched clean run first: facts the model gets wrong cost nothing more.
     top1 = clean_top1(lm, [ids for _, (ids, *_) in encoded])
     results, skipped = [], 0
-    bar = tqdm(total=len(encoded) if limit is None else limit, desc="tracing", unit="fact",
-               disable=not progress)  # fmt: skip
+    # One bar over the facts (no per-fact cell bars), with an estimate after the first fact.
+    total = len(encoded) if limit is None else min(limit, len(encoded))
+    bar = progress_bars.bar(total, "tracing", "fact", enabled=progress, estimate=True)
+    bar.restart_clock()
     for (fact, (ids, be, T, pad, batch)), answer_id in zip(encoded, top1, strict=True):
         if limit is not None and len(results) >= limit:
             break
@@ -744,10 +751,11 @@ def trace_dataset(
             continue
         cls_rows = token_classes(len(ids), be)
         rows = sorted({i for c in classes for i in cls_rows[c]})
-        r = tracer(
-            lm, fact["prompt"], fact["subject"], (ids, be, T, pad, batch), nu, kinds=kinds,
-            samples=samples, window=window, seed=seed, rows=rows, expect=fact.get("expect"),
-        )  # fmt: skip
+        with progress_bars.scope(False):
+            r = tracer(
+                lm, fact["prompt"], fact["subject"], (ids, be, T, pad, batch), nu, kinds=kinds,
+                samples=samples, window=window, seed=seed, rows=rows, expect=fact.get("expect"),
+            )  # fmt: skip
         if r is None:
             skipped += 1
         else:
