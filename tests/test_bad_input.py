@@ -102,13 +102,23 @@ def latin1_file(tmp_path: Path) -> Path:
     return p
 
 
-@pytest.mark.parametrize("command", ["trace", "eval"])
+@pytest.mark.parametrize("command", ["trace", "eval", "mend-train"])
 def test_data_file_not_utf8(command, capsys, tmp_path):
     bad = latin1_file(tmp_path)
     out = tmp_path / "out"
     argv = [command, "--model", GPT2, "--data", str(bad), "--out", str(out)]
-    line = refused(capsys, argv, "UTF-8")
-    assert "0xfc" in line and not out.exists()
+    line = refused(capsys, argv, "not UTF-8 text (byte 0xfc at line 1")
+    assert str(bad) in line and not out.exists()
+
+
+def test_text_files_read_as_utf8(tmp_path):
+    from jaxedit.io.text import read_text
+
+    (tmp_path / "bom.json").write_bytes("\ufeff[1]".encode())
+    assert read_text(tmp_path / "bom.json") == "[1]"  # a byte-order mark is not text
+    (tmp_path / "bad.txt").write_bytes(b"ok\nstill ok\nbad \xff here")
+    with pytest.raises(InputError, match=r"corpus .*bad.txt: not UTF-8 text \(byte 0xff at line 3"):
+        read_text(tmp_path / "bad.txt", "corpus")
 
 
 # ----------------------------------------------------------------------------- sizes

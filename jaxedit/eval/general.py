@@ -46,6 +46,7 @@ from jaxedit.errors import InputError
 from jaxedit.eval import metrics, prefix_cache, scoring
 from jaxedit.eval.datasets import detect_format, read_records
 from jaxedit.eval.generation import Decoding, generate_texts
+from jaxedit.io.text import read_text
 from jaxedit.models.lm import LanguageModel
 from jaxedit.requests import EditRequest
 
@@ -117,7 +118,7 @@ class GeneralSuite:
         p = Path(path)
         if not p.is_file():
             raise InputError(f"perplexity corpus not found: {p}")
-        return cls(p.read_text(encoding="utf-8"), text_source=str(p), **kw)
+        return cls(read_text(p, "perplexity corpus"), text_source=str(p), **kw)
 
     @property
     def ppl_name(self) -> str:

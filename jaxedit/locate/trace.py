@@ -54,6 +54,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from jaxedit import progress as progress_bars
 from jaxedit.errors import InputError
+from jaxedit.io.text import read_text
 from jaxedit.io.tokenizer import bucket, fine_bucket
 from jaxedit.models.sites import SitePatch
 from jaxedit.models.transformer import KVCache, forward, forward_jit, run_layers
@@ -618,8 +619,7 @@ def load_facts(path: str, n: int | None = None) -> list[dict[str, str | None]]:
     or original CounterFact records (requested_rewrite: prompt with "{}", subject, target_true).
     """
     try:
-        with open(path) as f:
-            records = json.load(f)
+        records = json.loads(read_text(path, "facts"))
     except (OSError, json.JSONDecodeError) as err:
         raise InputError(f"cannot read facts from {path}: {err}") from None
     if not isinstance(records, list):

@@ -27,6 +27,7 @@ from typing import Any
 from jaxedit.errors import InputError
 from jaxedit.eval.datasets import counterfact, knowedit, mquake, zsre
 from jaxedit.eval.datasets.records import BadRecord
+from jaxedit.io.text import read_text
 from jaxedit.requests import EditRequest
 
 FORMATS = ("counterfact", "counterfact_rome", "zsre", "knowedit", "mquake")
@@ -81,7 +82,7 @@ def read_records(path: str | Path) -> list:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"data file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p, "data file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

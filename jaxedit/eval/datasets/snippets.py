@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jaxedit.errors import InputError
+from jaxedit.io.text import read_text
 from jaxedit.requests import EditRequest
 
 
@@ -48,7 +49,7 @@ def load_snippets(path: str | Path) -> AttributeSnippets:
     """Read an attribute-snippets file (ROME's form, above); malformed entries are refused."""
     p = Path(path)
     try:
-        entries = json.loads(p.read_text(encoding="utf-8"))
+        entries = json.loads(read_text(p, "snippets file"))
     except OSError as e:
         raise InputError(f"cannot read snippets file {p}: {e}") from e
     except json.JSONDecodeError as e:

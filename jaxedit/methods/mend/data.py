@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxedit.errors import InputError
 from jaxedit.eval.datasets.records import BadRecord, aliases
+from jaxedit.io.text import read_text
 from jaxedit.methods.mend.inputs import encode_pair, pad_pairs
 from jaxedit.methods.mend.instructions import TASK_OF_FORMAT, Instructions
 
@@ -76,7 +77,7 @@ def load_cases(
     if not p.exists():
         raise InputError(f"training data {p} not found")
     try:
-        records = json.loads(p.read_text())
+        records = json.loads(read_text(p, "training data"))
     except json.JSONDecodeError as e:
         raise InputError(f"{p}: not valid JSON ({e})") from e
     if not isinstance(records, list) or not records:
