@@ -48,7 +48,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from jaxedit.errors import ConfigError
 from jaxedit.models.config import ModelConfig
@@ -56,6 +56,8 @@ from jaxedit.models.config import ModelConfig
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 
 Rules = Mapping[str, str | tuple[str, ...] | None]
+# Specs need only the axis sizes: an `AbstractMesh` (no devices) answers "how would this split?"
+AnyMesh = Mesh | AbstractMesh
 
 RULES: Rules = {
     "embed": "fsdp",
@@ -195,7 +197,7 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence | None = None) ->
 
 def spec_for(
     axes: tuple[str | None, ...],
-    mesh: Mesh,
+    mesh: AnyMesh,
     counts: Mapping[str, int] | None = None,
     rules: Rules = RULES,
     shape: tuple[int, ...] | None = None,
@@ -221,7 +223,7 @@ def spec_for(
     return PartitionSpec(*out)
 
 
-def param_specs(cfg: ModelConfig, params: Any, mesh: Mesh, rules: Rules = RULES) -> Any:
+def param_specs(cfg: ModelConfig, params: Any, mesh: AnyMesh, rules: Rules = RULES) -> Any:
     """A PartitionSpec per param leaf (a pytree like `params`)."""
     counts = logical_counts(cfg)
     return jax.tree_util.tree_map(
@@ -277,7 +279,7 @@ def mesh_of(tree: Any) -> Mesh | None:
     return None
 
 
-def batch_multiple(mesh: Mesh | None, rules: Rules = RULES) -> int:
+def batch_multiple(mesh: AnyMesh | None, rules: Rules = RULES) -> int:
     """How many ways `batch` splits on `mesh` (data·fsdp by default; 1 without a mesh): round
     batch sizes to a multiple of it and every device gets rows."""
     if mesh is None:
@@ -293,6 +295,32 @@ def put_batch(mesh: Mesh | None, *arrays: Any, rules: Rules = RULES) -> tuple:
     if mesh is None:
         return arrays
     return tuple(jax.device_put(a, batch_sharding(mesh, np.shape(a), rules)) for a in arrays)
+
+
+def constrain(x: Any, axes: tuple[str | None, ...], like: Any, rules: Rules = RULES) -> Any:
+    """`x` (an activation, inside `jit` or not) laid out as the rules place its logical `axes`
+    on the mesh that `like` (a param, possibly traced) lives on; `x` unchanged when `like` is
+    on no mesh or nothing of `x` would split.
+
+    Why: given only sharded params, XLA propagates their layout into the activations (the
+    residual stream split along D like `embed`, one all-reduce per matmul). Pinning the
+    residual stream to `batch` makes it FSDP proper: each device runs its rows and the
+    weights are all-gathered layer by layer. An activation whose batch the mesh does not
+    divide is left to XLA (not forced to replication).
+    """
+    try:
+        mesh = jax.typeof(like).sharding.mesh
+    except AttributeError:  # a host array: no mesh
+        return x
+    if mesh.empty or mesh.size <= 1:
+        return x
+    spec = spec_for(axes, mesh, None, rules, tuple(x.shape))
+    if all(p is None for p in spec):
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+BATCH_LENGTH = ("batch", "length", None)  # the residual stream [B T D]: rows split, D whole
 
 
 def device_bytes(params: Any) -> dict[str, int]:

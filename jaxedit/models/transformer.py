@@ -31,6 +31,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxedit.models.config import ModelConfig
+from jaxedit.models.sharding import BATCH_LENGTH, constrain
 from jaxedit.models.sites import BLOCK_SITES, Patch, SitePatch, apply_patch
 
 Params = dict[str, Any]
@@ -361,10 +362,14 @@ def forward(
     # config's pad/eos id beyond V) would embed as NaN, and 0 x NaN in attention would poison
     # every real position too. Real positions keep their ids (an invalid one stays NaN: loud).
     tokens = jnp.where(mask, tokens, 0)
-    x = jnp.take(model.embed[...], tokens, axis=0).astype(jnp.float32)
+    # The rows are looked up in a table gathered along D (still split over the vocabulary):
+    # from a D-split table XLA cannot move the rows onto batch shards without a full copy.
+    table = constrain(model.embed[...], ("vocab", None), params["embed"])
+    x = jnp.take(table, tokens, axis=0).astype(jnp.float32)
     if model.pos_embed is not None:
         x = x + jnp.take(model.pos_embed[...], positions, axis=0).astype(jnp.float32)
     x = apply_patch(patch.get("embed"), x)
+    x = constrain(x, BATCH_LENGTH, params["embed"])  # FSDP: rows split, weights gathered
     embedded = x
 
     block_graph, block_state = nnx.split(model.blocks)
@@ -386,6 +391,7 @@ def forward(
         state, patches, prefix_kv = xs
         block = nnx.merge(block_graph, state)
         h, sites, kv = block(h, positions, bias, patches, prefix_kv)
+        h = constrain(h, BATCH_LENGTH, params["embed"])
         return h, ({s: sites[s] for s in want}, kv if return_kv else None)
 
     # Under `grad` save only matmul outputs for the backward pass, as in `run_layers` (a MEND
@@ -461,13 +467,14 @@ def run_layers(
         cfg, mask, positions, None if cache is None else cache.mask, cache_positions
     )
     block_graph, block_state = nnx.split(model.blocks)
+    embed = params["embed"]
 
     def body(i, h):
         take = lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
         block = nnx.merge(block_graph, jax.tree.map(take, block_state))
         patches = {s: SitePatch(take(p.mask), take(p.value), p.add) for s, p in patch.items()}
         prefix_kv = None if cache is None else (take(cache.k), take(cache.v))
-        return block(h, positions, bias, patches, prefix_kv)[0]
+        return constrain(block(h, positions, bias, patches, prefix_kv)[0], BATCH_LENGTH, embed)
 
     # Under `grad` (ROME's v* steps) keep only the matmul outputs for the backward pass and
     # recompute the rest: by default every layer's weight slice taken in the loop is saved as
