@@ -117,3 +117,17 @@ def test_generate_writes_plain_text_into_a_pipe(monkeypatch):
     assert "\033[1m" in generate.render(r)
     monkeypatch.setenv("NO_COLOR", "1")
     assert "\033" not in generate.render(r)
+
+
+def test_exported_model_and_edit_have_normal_modes(tmp_path, umask022):
+    import jaxedit as je
+
+    lm = je.load(str(GOLDEN))
+    out = je.save_hf(lm, tmp_path / "exported")
+    assert mode(out) == 0o755
+    files = sorted(out.iterdir())
+    assert files and all(mode(f) == 0o644 for f in files), [(f.name, oct(mode(f))) for f in files]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # no temporary left
+    edit = je.WeightEdit((je.WeightDelta("mlp_out", 0, dense=np.zeros((64, 32), np.float32)),))
+    je.save_edit(edit, tmp_path / "e.safetensors")
+    assert mode(tmp_path / "e.safetensors") == 0o644

@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxedit.errors import CheckpointError, ConfigError
 from jaxedit.io import filehash
-from jaxedit.io.atomic import dir_mode
+from jaxedit.io.atomic import dir_mode, file_mode
 from jaxedit.io.gguf import GGUFFile
 from jaxedit.io.tokenizer import TextTokenizer, load_hf_tokenizer, tokenizer_from_gguf
 from jaxedit.models import families, sharding
@@ -558,7 +558,11 @@ def save_hf(
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
         model.tokenizer.save(tmp)
-        os.chmod(tmp, dir_mode())  # mkdtemp made it 0700: the export is a normal directory
+        # mkdtemp made the directory 0700 and safetensors writes its files 0600: an export is
+        # the user's, with the modes of any file they make (0755 / 0644 under umask 022).
+        for f in tmp.iterdir():
+            os.chmod(f, file_mode())
+        os.chmod(tmp, dir_mode())
         if out.exists():
             out.rmdir()
         tmp.rename(out)
