@@ -22,7 +22,7 @@ TEMPLATES = ["{}", "The following is true. {}", "I read this today. {}"]
 
 @pytest.fixture
 def use_smollm(smollm, monkeypatch):
-    monkeypatch.setattr(_common, "_load", lambda name, dtype: smollm)
+    monkeypatch.setattr(_common, "_load", lambda *args: smollm)
     return smollm
 
 
