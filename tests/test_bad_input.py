@@ -87,6 +87,19 @@ def test_prompt_not_utf8(command, capsys):
     assert "byte 0xff at character 17" in line
 
 
+def test_non_utf8_argv_in_a_real_process(tmp_path):
+    """Bytes that are not UTF-8 on the real command line (not a Python string): one line."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "jaxedit", "predict", "--model", GPT2.encode(), b"--prompt"]
+    env = {**os.environ, "JAXEDIT_PROGRESS": "0"}
+    r = subprocess.run([*argv, b"The Eiffel Tower \xff is in"], capture_output=True, env=env)
+    err = r.stderr.decode("utf-8", "replace").strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert "not valid UTF-8 (byte 0xff at character 17)" in err[0]
+
+
 def test_trace_subject_not_utf8(capsys, tmp_path):
     argv = ["trace", "--model", GPT2, "--prompt", NOT_UTF8, "--subject", "\udcff"]
     refused(capsys, [*argv, "--out", str(tmp_path / "o")], "not valid UTF-8", cwd=tmp_path)
@@ -156,6 +169,17 @@ def test_trace_refuses_an_existing_out(capsys, tmp_path):
     argv = ["trace", "--model", GPT2, "--prompt", "a b c", "--subject", "b", "--out", str(out)]
     refused(capsys, argv, "exists and is not empty (--force to overwrite")
     assert (out / "trace.json").read_text() == "{}"
+
+
+def test_demo_and_mend_train_refuse_an_existing_out(capsys, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "x").write_text("kept")
+    refused(capsys, ["demo", "--out", str(out)], "exists and is not empty (--force")
+    bad = ["mend-train", "--model", GPT2, "--data", "d.json", "--out", str(out)]
+    line = refused(capsys, bad, "exists and is not empty (--resume to continue it, or choose")
+    assert "--force" not in line  # mend-train has no --force
+    assert (out / "x").read_text() == "kept"
 
 
 def test_failed_command_leaves_no_empty_out(capsys, tmp_path):
