@@ -12,7 +12,9 @@ another). Columns, each teacher-forced beside its generated form (`jaxedit.eval.
   questions together);
 - locality: `NS` (neighborhood_score), `acc` (specificity_acc, the neighbour's own answer),
   `gen` (neighborhood_gen: the neighbour keeps generating its true object; specificity_gen
-  where the data has no CounterFact neighbours);
+  where the data has no CounterFact neighbours), `kept` (locality: the neighbour's teacher-
+  forced argmaxes unchanged by the edit) and `kept gen` (locality_gen: its greedy continuation
+  unchanged);
 - general ability: perplexity edited / unedited and greedy fluency (`jaxedit.eval.general`).
 
 A cell shows the mean over the cases that have the metric; "(k)" follows it when k, the cases
@@ -51,6 +53,8 @@ COLUMNS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("locality", "NS", ("neighborhood_score",)),
     ("locality", "acc", ("specificity_acc",)),
     ("locality", "gen", ("neighborhood_gen", "specificity_gen")),
+    ("locality", "kept", ("locality",)),
+    ("locality", "kept gen", ("locality_gen",)),
 )
 # The bars of the plot: (label, teacher-forced token accuracy, generated success).
 BARS = (
@@ -59,6 +63,7 @@ BARS = (
     ("reverse", "reverse", "reverse_gen"),
     ("portability", "portability", "portability_gen"),
     ("neighbours", "specificity_acc", "neighborhood_gen"),
+    ("neighbours unchanged", "locality", "locality_gen"),
 )
 
 
@@ -195,8 +200,9 @@ def render(table_rows: list[Row]) -> str:
         "ES / PS / NS: ROME's teacher-forced comparisons P(new) > P(true) (neighbours: "
         "P(true) > P(new)); acc: teacher-forced token accuracy of the expected answer; gen: the "
         "greedy continuation begins with it (normalised; aliases). (k): cases with that metric "
-        "when fewer than n. ppl ×: perplexity edited / unedited; fluency: n-gram entropy "
-        "(bits) of greedy texts (the general block)."
+        "when fewer than n. kept: the neighbours' teacher-forced argmaxes (kept gen: greedy "
+        "continuations) unchanged by the edit. ppl ×: perplexity edited / unedited; fluency: "
+        "n-gram entropy (bits) of greedy texts (the general block)."
     )
     src = [f"- {r.label} ({r.data}): {r.source}" for r in table_rows]
     return "\n".join([table(table_rows), "", key, "", "Sources:", *src])
