@@ -222,6 +222,14 @@ def test_eval_refuses_an_existing_out_then_force_and_resume(eval_tiny, data_dir,
     untimed = lambda r: without_seconds({k: v for k, v in r.items() if k != "timing"})
     assert untimed(again) == untimed(first)
     assert cli.main([*argv, "--resume"]) == 0
+    capsys.readouterr()
+    more = [*argv[:4], "3", *argv[5:], "--resume"]  # --n 3: the run extended by one case
+    assert cli.main(more) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 3 and len(res["cases"]) == 3
+    # the two finished cases read back as the --force run wrote them (their timings too: not
+    # edited again)
+    assert res["cases"][:2] == again["cases"]
 
 
 def test_eval_failure_leaves_no_default_out(eval_tiny, data_dir, tmp_path, capsys, monkeypatch):
