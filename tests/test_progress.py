@@ -145,3 +145,20 @@ def test_trace_cells_and_the_data_set_estimate(capsys):
     err = capsys.readouterr().err
     assert "tracing: the first fact took" in err and "for 3 at that pace" in err
     assert "trace cells" not in err
+
+
+def test_statistics_sampling_shows_its_steps_with_the_same_samples(capsys):
+    """The `self` corpus is sampled token by token: a bar counts the steps (a host callback
+    that is in the compiled program either way, so the samples do not depend on it)."""
+    from pathlib import Path
+
+    from jaxedit.stats.corpora import load_corpus
+
+    gpt2 = je.load(str(Path(__file__).parent / "goldens" / "gpt2"))
+    kw = dict(n_tokens=40, max_len=16, seed=1)
+    quiet = load_corpus(gpt2, "self", progress=False, **kw)
+    assert capsys.readouterr().err == ""
+    shown = load_corpus(gpt2, "self", progress=True, **kw)
+    err = capsys.readouterr().err
+    assert "sampling 3 x 15 tokens" in err and "15/15" in err
+    assert shown.docs == quiet.docs

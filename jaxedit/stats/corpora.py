@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
+from jaxedit import progress as progress_bars
 from jaxedit.errors import InputError
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.generate import prefill_and_decode
@@ -75,6 +76,14 @@ def start_token(tok) -> int:
     raise InputError("the tokenizer has no BOS / EOS token to start sampling from")
 
 
+_SAMPLING_BARS: list = []  # the bar of the sampling under way, if one is shown (host side)
+
+
+def _sampled_step(i) -> None:
+    if _SAMPLING_BARS:
+        _SAMPLING_BARS[-1].update(1)
+
+
 @partial(jax.jit, static_argnums=(0, 3, 4, 5))
 def _sample(
     cfg: ModelConfig, params: Params, key, n: int, length: int, top_k: int, start, temperature
@@ -83,6 +92,9 @@ def _sample(
     prompt = jnp.full((n, 1), start, jnp.int32)
 
     def pick(key, logits, i):
+        # Each step tells the host (a bar when one is shown; nothing otherwise): the callback is
+        # in the program either way, so showing progress cannot change a sample.
+        jax.debug.callback(_sampled_step, i)
         key, sub = jax.random.split(key)
         logits = logits / temperature
         if top_k:
@@ -135,10 +147,16 @@ def _self_docs(
 ) -> list[list[int]]:
     length = min(max_len, SELF_SEQ_LEN) - 1
     n = n_samples if n_samples is not None else math.ceil(n_tokens / (length + 1))
-    if progress:
-        print(f"sampling {n} x {length} tokens from the model ...", file=sys.stderr)
     start = start_token(lm.tokenizer)
-    docs = [[start, *row.tolist()] for row in sample_tokens(lm, n, length, seed=seed)]
+    calls = math.ceil(n / max(1, min(128, n)))  # sample_tokens' chunks, one step per token
+    with progress_bars.bar(calls * length, f"sampling {n} x {length} tokens", "step",
+                           enabled=bool(progress)) as bar:  # fmt: skip
+        _SAMPLING_BARS.append(bar)
+        try:
+            rows = sample_tokens(lm, n, length, seed=seed)
+        finally:
+            _SAMPLING_BARS.pop()
+    docs = [[start, *row.tolist()] for row in rows]
     return _trim(docs, n_tokens)
 
 
