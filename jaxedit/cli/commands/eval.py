@@ -37,7 +37,7 @@ from jaxedit import progress
 from jaxedit.cli.method_args import add_method_arguments, hparams_json, method_and_hparams
 from jaxedit.cli.shared import load_model
 from jaxedit.errors import InputError
-from jaxedit.eval import compare, datasets, general, report, runner
+from jaxedit.eval import compare, datasets, general, remeasure, report, runner
 from jaxedit.eval.datasets.snippets import load_snippets
 from jaxedit.eval.generation import DECODINGS, DEFAULT_DECODING, Decoding
 from jaxedit.io.atomic import check_out_dir
@@ -147,6 +147,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "with the unedited rows; written to --out (default runs/compare)",
     )
     p.add_argument(
+        "--remeasure",
+        metavar="RUN_DIR",
+        default=None,
+        help="instead of evaluating: measure a finished sequential run again on its final model "
+        "(its last checkpoint) with today's metrics (*_gen, reverse); written to --out",
+    )
+    p.add_argument(
         "--common-cases",
         action="store_true",
         help="--compare: summarise every run over the cases all runs of its data set measured",
@@ -215,6 +222,11 @@ def run(args) -> dict:
             raise InputError("--compare reads finished runs' directories: drop --data")
         out = args.out or str(Path("runs") / "compare")
         return {"compare": compare.compare(args.compare, out, common=args.common_cases)}
+    if args.remeasure:
+        if args.data or not args.out:
+            raise InputError("--remeasure reads the run's own data: drop --data, give --out")
+        res = remeasure.remeasure(load_model(args), args.remeasure, args.out)
+        return report.as_jsonable(res | {"out": args.out})
     ds = _select(args)
     suite = _general(args, ds)
     decoding = _decoding(args)
