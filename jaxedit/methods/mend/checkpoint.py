@@ -126,7 +126,7 @@ def load_editor(directory: str | os.PathLike, lm) -> TrainedEditor:
     d = Path(directory).absolute()
     conf = read_config(d)
     fp = lm.fingerprint()
-    if conf.get("fingerprint") != fp:
+    if not lm.has_fingerprint(conf.get("fingerprint", "")):
         raise CheckpointError(
             f"{d}: editor trained for model {conf.get('model')!r} (fingerprint "
             f"{conf.get('fingerprint')}), not for {lm.name!r} (fingerprint {fp})"
