@@ -297,10 +297,12 @@ def put_batch(mesh: Mesh | None, *arrays: Any, rules: Rules = RULES) -> tuple:
     return tuple(jax.device_put(a, batch_sharding(mesh, np.shape(a), rules)) for a in arrays)
 
 
-def constrain(x: Any, axes: tuple[str | None, ...], like: Any, rules: Rules = RULES) -> Any:
+def constrain(
+    x: Any, axes: tuple[str | None, ...], like: Any, rules: Rules = RULES, *, force: bool = False
+) -> Any:
     """`x` (an activation, inside `jit` or not) laid out as the rules place its logical `axes`
     on the mesh that `like` (a param, possibly traced) lives on; `x` unchanged when `like` is
-    on no mesh or nothing of `x` would split.
+    on no mesh, or when nothing of `x` would split and not `force` (which then replicates it).
 
     Why: given only sharded params, XLA propagates their layout into the activations (the
     residual stream split along D like `embed`, one all-reduce per matmul). Pinning the
@@ -315,7 +317,7 @@ def constrain(x: Any, axes: tuple[str | None, ...], like: Any, rules: Rules = RU
     if mesh.empty or mesh.size <= 1:
         return x
     spec = spec_for(axes, mesh, None, rules, tuple(x.shape))
-    if all(p is None for p in spec):
+    if all(p is None for p in spec) and not force:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 

@@ -362,12 +362,13 @@ def forward(
     # config's pad/eos id beyond V) would embed as NaN, and 0 x NaN in attention would poison
     # every real position too. Real positions keep their ids (an invalid one stays NaN: loud).
     tokens = jnp.where(mask, tokens, 0)
-    # The rows are looked up in a table gathered along D (still split over the vocabulary):
-    # from a D-split table XLA cannot move the rows onto batch shards without a full copy.
-    table = constrain(model.embed[...], ("vocab", None), params["embed"])
+    # Rows are looked up in tables gathered along D (the vocabulary still split): from a
+    # D-split table XLA cannot move the rows onto batch shards without a full copy.
+    table = constrain(model.embed[...], ("vocab", None), params["embed"], force=True)
     x = jnp.take(table, tokens, axis=0).astype(jnp.float32)
     if model.pos_embed is not None:
-        x = x + jnp.take(model.pos_embed[...], positions, axis=0).astype(jnp.float32)
+        table = constrain(model.pos_embed[...], ("positions", None), params["embed"], force=True)
+        x = x + jnp.take(table, positions, axis=0).astype(jnp.float32)
     x = apply_patch(patch.get("embed"), x)
     x = constrain(x, BATCH_LENGTH, params["embed"])  # FSDP: rows split, weights gathered
     embedded = x
