@@ -63,6 +63,7 @@ from jaxedit.methods.mend.inputs import (
 from jaxedit.methods.mend.instructions import Instructions
 from jaxedit.methods.mend.losses import kl_loc, label_accuracy, loc_kl_mask, nll
 from jaxedit.methods.mend.state import TrainState, init_state, make_optimizer
+from jaxedit.models.sharding import mesh_of, put_batch
 
 # ----------------------------------------------------------------------------- the step
 
@@ -191,6 +192,13 @@ def _fmt(metrics: dict) -> dict:
     return {k: round(float(v), 6) for k, v in metrics.items()}
 
 
+def split_edits(mesh, batch: EditBatch) -> EditBatch:
+    """Data parallel on a mesh (`jaxedit.models.sharding`): the batch's edits split over its
+    batch axes, so each device runs its own edits' inner and outer passes and XLA averages the
+    editor's gradients across them (unchanged without a mesh, or when the edits do not divide)."""
+    return EditBatch(*(put_batch(mesh, *part) for part in batch))
+
+
 def evaluate(ev, params, editor, norm, data: EditBatch, batch: int) -> dict:
     """Mean validation metrics over `data` (the last partial batch wraps around)."""
     n = len(data)
@@ -198,7 +206,7 @@ def evaluate(ev, params, editor, norm, data: EditBatch, batch: int) -> dict:
     n_batches = -(-n // batch)
     for i in range(n_batches):
         idx = np.arange(i * batch, (i + 1) * batch) % n
-        m = ev(params, editor, norm, data.take(idx))
+        m = ev(params, editor, norm, split_edits(mesh_of(params), data.take(idx)))
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     return {f"{k}_val": v / n_batches for k, v in sums.items()}
@@ -331,7 +339,7 @@ def train(
     log_path = out / "train_log.jsonl"
     _truncate_log(log_path, start)
     step_fn, ev = jit_steps(lm.config, layout, hp)
-    params = lm.params
+    params, mesh = lm.params, mesh_of(lm.params)
 
     bar = None
     if progress:
@@ -345,7 +353,7 @@ def train(
         while int(state.step) < steps:
             s = int(state.step)
             idx = balanced_indices(sizes, s, hp.batch, hp.seed)
-            state, metrics = step_fn(params, state, train_data.take(idx))
+            state, metrics = step_fn(params, state, split_edits(mesh, train_data.take(idx)))
             for k, v in metrics.items():
                 acc[k] = acc.get(k, 0.0) + float(v)
             n_acc += 1
