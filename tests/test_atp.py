@@ -244,3 +244,25 @@ def test_cli_dataset_writes_facts_jsonl(cli_model, capsys, tmp_path):
     assert [g["prompt"] for g in grids] == [f["prompt"] for f in facts[: len(grids)]]
     for g in grids:
         assert g["method"] == "atp" and len(g["kinds"]["hidden"]["scores"]) == len(g["tokens"])
+
+
+def test_heatmap_of_an_atp_result(tmp_path):
+    from jaxedit.locate import plots
+
+    rng = np.random.default_rng(0)
+    result = {
+        "method": "atp",
+        "tokens": ["The", " E", "iffel", " is"],
+        "subject_range": [1, 3],
+        "answer": " Paris",
+        "low_score": 0.01,
+        "window": 10,
+        "kinds": {k: {"scores": rng.random((4, 6))} for k in tr.KINDS},
+        "verified": {"mlp": [{"token": 2, "layer": 3, "estimate": 0.9, "exact": 0.5}]},
+    }
+    ax = plots.heatmap(result, "mlp")
+    assert ax.get_title().startswith("AtP estimate")
+    (marker,) = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert marker.get_xydata().tolist() == [[3.5, 2.5]]
+    paths = plots.save_heatmaps(result, str(tmp_path))
+    assert len(paths) == 3

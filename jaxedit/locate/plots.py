@@ -3,7 +3,9 @@ Figures 1 and 2). Matplotlib with the Agg backend (files, no display needed) unl
 imported first (a notebook keeps its inline backend).
 
 Heatmaps: tokens on y (subject tokens starred), layers on x, colour = p(answer) from
-`low_score` up; purple = hidden states, green = MLP, red = attention (the paper's colours).
+`low_score` up; purple = hidden states, green = MLP, red = attention (the paper's colours). An
+attribution-patching result (`jaxedit.locate.atp`) is titled as an estimate, its exactly
+verified cells circled.
 """
 
 from __future__ import annotations
@@ -46,7 +48,11 @@ def heatmap(result: dict[str, Any], kind: str, ax=None):
     step = 5 if L <= 60 else 10
     ax.set_xticks(np.arange(0, L, step) + 0.5)
     ax.set_xticklabels(range(0, L, step), fontsize=8)
-    ax.set_title(TITLES[kind], fontsize=9)
+    atp = result.get("method") == "atp"
+    ax.set_title(("AtP estimate: " if atp else "") + TITLES[kind], fontsize=9)
+    # cells re-run exactly (`--verify-top`): circled
+    for cell in result.get("verified", {}).get(kind, []):
+        ax.plot(cell["layer"] + 0.5, cell["token"] + 0.5, "o", ms=3, mfc="none", mec="black")
     window = result.get("window", 10)
     ax.set_xlabel(
         "single restored layer"
