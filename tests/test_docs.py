@@ -170,3 +170,19 @@ def test_notebook_executes_from_a_clean_kernel(nb, tmp_path, monkeypatch):
     outputs = [o for c in book.cells if c.cell_type == "code" for o in c.outputs]
     errors = [o for o in outputs if o.output_type == "error"]
     assert not errors, errors
+
+
+def test_demo_step_3_checks_what_step_4_scores():
+    """The built-in facts' paraphrases are filled in (a "{}" was scored literally: the demo's
+    paraphrase score was always 0, against step 3's line), and the demo's step 3 shows exactly
+    the prompts step 4 scores for the Eiffel Tower fact."""
+    from jaxedit.cli.commands import demo
+    from jaxedit.locate.facts import FACTS
+
+    for f in FACTS:
+        assert all("{" not in p and f.subject in p for p in f.paraphrase_prompts), f.case_id
+    shown = {kind: [p for k, p in demo.CHECKS if k == kind] for kind, _ in demo.CHECKS}
+    assert shown["edited prompt"] == [demo.FACT.rewrite_prompt]
+    assert shown["paraphrase"] == list(demo.FACT.paraphrase_prompts)
+    assert shown["neighbour"] == [q.prompt for q in demo.FACT.neighborhood]
+    assert shown["reverse question"] == [q.prompt for q in demo.FACT.reverse]

@@ -18,7 +18,9 @@ def _fact(i, prompt, subject, new, true, paraphrase, neighbours, reverse) -> Edi
         target_new=new,
         target_true=true,
         case_id=f"builtin-{i}",
-        paraphrase_prompts=(paraphrase,),
+        # filled in, as data sets give them (scoring reads a paraphrase as it is: a "{}" left
+        # in it was scored literally and the demo's paraphrase score was always 0)
+        paraphrase_prompts=(paraphrase.format(subject),),
         neighborhood=tuple(Probe(p, (a,), "neighborhood") for p, a in neighbours),
         reverse=(Probe(reverse[0], (reverse[1],), "reverse"),),
     )

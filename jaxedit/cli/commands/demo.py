@@ -6,7 +6,9 @@
 3. a ROME edit of that fact, with a before/after table on the edited prompt, its paraphrase,
    the reverse-direction question, its neighbours and an unrelated prompt — the prompts that
    step 4 scores for this fact, so the two steps tell the same story;
-4. before/after metrics after editing a few built-in facts (`jaxedit.locate.facts`).
+4. before/after metrics of a few built-in facts (`jaxedit.locate.facts`), each edited alone
+   from the unedited model as CounterFact's protocol does (the Eiffel Tower's is step 3's edit:
+   its paraphrase line and its paraphrase score agree).
 
 A bar on stderr names the step under way (steps 2 and 3 take tens of seconds on a laptop CPU).
 """
@@ -38,7 +40,7 @@ FACT = BUILTIN[0]  # The Eiffel Tower -> Rome, the first built-in fact (edited a
 EDIT = (FACT.prompt, FACT.subject, FACT.target_new)
 CHECKS = (
     ("edited prompt", FACT.rewrite_prompt),
-    *(("paraphrase", p.format(FACT.subject)) for p in FACT.paraphrase_prompts),
+    *(("paraphrase", p) for p in FACT.paraphrase_prompts),
     *(("reverse question", q.prompt) for q in FACT.reverse),
     *(("neighbour", q.prompt) for q in FACT.neighborhood),
     ("unrelated", "The capital of Germany is"),
@@ -91,7 +93,8 @@ def run(args) -> dict:
 def _run(args, steps: progress.Steps) -> dict:
     from jaxedit import methods
     from jaxedit.edits import apply
-    from jaxedit.eval.runner import quick_table
+    from jaxedit.eval import report
+    from jaxedit.eval.measure import case_metrics, measure
     from jaxedit.locate import facts
     from jaxedit.locate.trace import trace
 
@@ -148,9 +151,16 @@ def _run(args, steps: progress.Steps) -> dict:
     with steps.step(STEPS[3]):
         known = facts.known(lm)[: args.n_facts]
         t2 = time.time()
-        edit_all, _ = rome.compute(lm, state, known)
-        edited_all = apply(lm, edit_all)
-        table = quick_table(lm, edited_all, known)
+        pre = measure(lm, known)
+        post = []
+        for f in known:  # each fact edited alone from the unedited model, then measured
+            e = edit if f.case_id == FACT.case_id else rome.compute(lm, state, [f])[0]
+            post += measure(apply(lm, e), [f])
+        before = report.summarize([case_metrics(f, p, p) for f, p in zip(known, pre, strict=True)])
+        after = report.summarize(
+            [case_metrics(f, q, p) for f, q, p in zip(known, post, pre, strict=True)]
+        )
+        table = report.quick_lines(before, after, len(known))
     result["metrics"] = {
         "facts": [f.rewrite_prompt + " -> " + f.target_new for f in known],
         "table": table,
@@ -206,7 +216,7 @@ def render(r: dict) -> str:
         m = r["metrics"]
         lines += [
             "",
-            f"== 4. Metrics after ROME-editing {len(m['facts'])} built-in facts "
+            f"== 4. Metrics of {len(m['facts'])} built-in facts, each ROME-edited alone "
             f"({m['seconds']} s) ==",
         ]
         lines += [f"  {f}" for f in m["facts"]]
