@@ -18,9 +18,10 @@ Two protocols for an instructed editor:
                  (`instructions.instruct_request`, edited by the same editor as plain MEND)
 
     taskset -c 1 nice -n 5 uv run python benchmarks/instructedit.py \\
-        --editor instructedit=editors/ie-cfzsre --editor mend-cf=editors/mend-cf ... \\
-        [--tasks counterfact,zsre,knowedit] [--n 60] [--out benchmarks/results/instructedit.json]
+        --editor instructedit=editors/ie-cf-zsre --editor mend-cf=editors/mend-cf:counterfact \\
+        ... [--tasks counterfact,zsre,knowedit] [--n 60] [--out FILE.json]
 
+`NAME=DIR:TASKS` evaluates that editor on TASKS only (comma-separated; default: `--tasks`).
 An entry already in the output file is skipped (the run is resumable entry by entry).
 """
 
@@ -71,7 +72,7 @@ def summary(result: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--editor", action="append", required=True, metavar="NAME=DIR")
+    ap.add_argument("--editor", action="append", required=True, metavar="NAME=DIR[:TASKS]")
     ap.add_argument("--tasks", default="counterfact,zsre,knowedit")
     ap.add_argument("--n", type=int, default=60, help="cases per task")
     ap.add_argument("--out", default=str(OUT))
@@ -90,10 +91,13 @@ def main() -> None:
         cases[task] = reqs[: args.n]
     for spec in args.editor:
         name, _, directory = spec.partition("=")
+        directory, _, only = directory.partition(":")
         conf = read_config(Path(directory))
         instr = conf.get("instructions")
         protocols = ("raw", "instructed") if instr else ("raw",)
         for task, reqs in cases.items():
+            if only and task not in only.split(","):
+                continue
             for protocol in protocols:
                 key = f"{name}/{task}/{protocol}"
                 if key in results:
