@@ -280,3 +280,6 @@ def verify(lm, result: dict[str, Any], k: int, *, seed: int = 0) -> dict[str, li
         est = float(result["kinds"][kind]["scores"][t, layer])
         out[kind].append({"token": t, "layer": layer, "estimate": est, "exact": float(p)})
     return out
+
+
+tr.TRACERS["atp"] = trace_encoded

@@ -44,7 +44,7 @@ import functools
 import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -687,6 +687,11 @@ def average_effects(
     return out
 
 
+# Estimators built on this module register here (`jaxedit.locate.atp` adds "atp" when it is
+# imported), so the data-set loop dispatches to them without importing them: no import cycle.
+TRACERS: dict[str, Callable[..., Any]] = {}
+
+
 def trace_dataset(
     lm,
     facts: Sequence[dict[str, Any]],
@@ -714,12 +719,11 @@ def trace_dataset(
     kinds = check_options(samples, window, kinds)
     if method == "exact":
         tracer = functools.partial(trace_encoded, chunk_tokens=chunk_tokens)
-    elif method == "atp":
-        from jaxedit.locate import atp  # atp builds on this module: imported when asked for
-
-        tracer = functools.partial(atp.trace_encoded, **(atp_options or {}))
+    elif method in TRACERS:
+        tracer = functools.partial(TRACERS[method], **(atp_options or {}))
     else:
-        raise InputError(f"method must be 'exact' or 'atp', got {method!r}")
+        known = ["exact", *TRACERS]
+        raise InputError(f"method must be one of {known}, got {method!r}")
     bad = [c for c in classes if c not in TOKEN_CLASSES]
     if bad:
         raise InputError(f"unknown token classes {bad}; known: {list(TOKEN_CLASSES)}")

@@ -9,6 +9,7 @@ from jaxedit import progress
 from jaxedit.cli.shared import load_model
 from jaxedit.errors import InputError
 from jaxedit.io.atomic import check_out_dir, write_text_atomic
+from jaxedit.locate import atp  # registers the "atp" tracer with trace_dataset
 from jaxedit.locate import trace as tr
 
 MAX_SAMPLES = 1000  # corrupted runs: ROME uses 10; beyond this, memory rather than insight grows
@@ -95,8 +96,6 @@ def run(args) -> dict:
         return {**summary, "figure": fig, "out": args.out}
     one = dict(kinds=kinds, samples=args.samples, noise=_noise(args.noise), window=args.window)
     if args.method == "atp":
-        from jaxedit.locate import atp
-
         result = atp.atp_trace(lm, args.prompt, args.subject, seed=args.seed, **one, **atp_options)
     else:
         result = tr.trace(lm, args.prompt, args.subject, seed=args.seed, **one)
