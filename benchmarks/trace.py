@@ -152,8 +152,15 @@ def compare_atp(lm, facts, n, cache_dir, kw, log=print) -> dict:
         for kind in tr.KINDS:
             a = np.asarray(ex["kinds"][kind]["scores"], np.float64)[b:]
             g = np.asarray(est["kinds"][kind]["scores"], np.float64)[b:]
+            n_subj = e - b  # the noised rows: where a first-order estimate is least accurate
             row[kind] = {
                 "spearman": float(spearmanr(a.ravel(), g.ravel()).statistic),
+                "spearman_subject_rows": float(
+                    spearmanr(a[:n_subj].ravel(), g[:n_subj].ravel()).statistic
+                ),
+                "spearman_after_subject": float(
+                    spearmanr(a[n_subj:].ravel(), g[n_subj:].ravel()).statistic
+                ),
                 "argmax_exact": int(np.argmax(a[e - 1 - b])),
                 "argmax_atp": int(np.argmax(g[e - 1 - b])),
             }
@@ -181,6 +188,12 @@ def compare_atp(lm, facts, n, cache_dir, kw, log=print) -> dict:
             kind: {
                 "mean_spearman": float(np.mean([r[kind]["spearman"] for r in rows])),
                 "median_spearman": float(np.median([r[kind]["spearman"] for r in rows])),
+                "mean_spearman_subject_rows": float(
+                    np.mean([r[kind]["spearman_subject_rows"] for r in rows])
+                ),
+                "mean_spearman_after_subject": float(
+                    np.mean([r[kind]["spearman_after_subject"] for r in rows])
+                ),
                 "argmax_agreement_last_subject_token": float(
                     np.mean([r[kind]["argmax_exact"] == r[kind]["argmax_atp"] for r in rows])
                 ),

@@ -20,7 +20,7 @@ def _trace(cache: Path, out: Path, *extra: str) -> dict:
     argv = [sys.executable, "-m", "jaxedit", "trace", "--model", str(MODEL), "--prompt",
             "hello world, this is a test", "--subject", "hello world", "--samples", "2",
             "--window", "2", "--out", str(out), "--json", "--no-progress", *extra]  # fmt: skip
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)["timing"]
 
