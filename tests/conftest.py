@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# In-process CLI tests must not share the user's persistent XLA cache (nor pay for writing every
+# executable to it); tests of the cache itself run the CLI in a subprocess without this variable.
+os.environ["JAXEDIT_NO_COMPILE_CACHE"] = "1"
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -17,6 +17,7 @@ MODEL = Path(__file__).parent / "goldens" / "llama"  # a 2-layer Llama, 256-toke
 
 def _trace(cache: Path, out: Path, *extra: str) -> dict:
     env = {**os.environ, "JAXEDIT_CACHE": str(cache), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env.pop("JAXEDIT_NO_COMPILE_CACHE", None)  # conftest sets it for in-process CLI tests
     argv = [sys.executable, "-m", "jaxedit", "trace", "--model", str(MODEL), "--prompt",
             "hello world, this is a test", "--subject", "hello world", "--samples", "2",
             "--window", "2", "--out", str(out), "--json", "--no-progress", *extra]  # fmt: skip

@@ -6,7 +6,7 @@ optionally, `render(result) -> str` for human output. Every command takes `--mod
 User errors (`JaxeditError`, and a file that is not UTF-8) print one line and exit 2, without a
 traceback; an output directory (`--out`, `--save`) that a failed command created is removed
 again when it holds no file. JAX's persistent compilation cache is on (`jaxedit.compile_cache`,
-`--no-compile-cache` to opt out); trace / demo / edit / eval results get "timing" (compile,
+`--no-compile-cache` or `JAXEDIT_NO_COMPILE_CACHE=1` to opt out); trace / demo / edit / eval results get "timing" (compile,
 tracing and run seconds, persistent-cache hits and misses).
 """
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = False
     try:
         resolve_data_args(args)  # registered data-set names -> cached files (`jaxedit data`)
-        if not args.no_compile_cache:
+        if not (args.no_compile_cache or os.environ.get("JAXEDIT_NO_COMPILE_CACHE") == "1"):
             compile_cache.enable()  # a second run on the same shapes loads, not compiles
         clock = compile_cache.CompileClock()
         with progress.scope(progress.wanted(args.no_progress)), clock:
