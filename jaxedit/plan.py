@@ -99,6 +99,10 @@ CPU_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 # ----------------------------------------------------------------------------- configs
 
 
+# Short names people type for a shipped architecture (the issue's `--model gpt-j`).
+ALIASES = {"gpt-j": "gpt-j-6b", "gptj": "gpt-j-6b"}
+
+
 def known_models() -> list[str]:
     """Names of the architectures shipped as config.json files (`jaxedit/configs/`)."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
@@ -108,6 +112,8 @@ def hf_config(model: str | os.PathLike) -> dict[str, Any]:
     """The HF config.json dict of a known name, a config.json file or a HF directory."""
     name = str(model)
     path = Path(name).expanduser()
+    if name in ALIASES and not path.exists():
+        name = ALIASES[name]
     if (CONFIG_DIR / f"{name}.json").is_file() and not path.exists():
         path = CONFIG_DIR / f"{name}.json"
     elif path.is_dir():

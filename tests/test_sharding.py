@@ -149,6 +149,30 @@ def test_cli_refuses_a_mesh_that_does_not_fit_before_loading(capsys):
     assert "mesh fsdp=3 needs 3 devices" in err[0]  # not the missing model: checked first
 
 
+def test_shard_and_the_cli_loader_keep_the_file_fingerprint():
+    """Sharding moves values, it does not change them: a model loaded from files keeps its
+    file-based fingerprint through `je.shard` (caches still match), and `--mesh` loads through
+    `load(..., mesh=)` (streamed into the layout) to the same params and fingerprint."""
+    import argparse
+
+    from jaxedit.cli import shared
+
+    golden = os.path.join(ROOT, "tests", "goldens", "llama")
+    lm = je.load(golden)
+    fp = lm.fingerprint()
+    sharded = je.shard(lm, "data=1")
+    leaf = sharded.params["blocks"]["mlp"]["down"]["kernel"]
+    assert sh.mesh_of(sharded.params) is None and leaf.sharding.mesh.shape["data"] == 1
+    assert sharded.fingerprint() == fp and sharded.origin is not None
+    assert lm.with_params(sharded.params).fingerprint() != fp  # the origin is what keeps it
+    shared._load.cache_clear()
+    args = argparse.Namespace(model=golden, mesh="data=1", model_dtype="float32")
+    via_cli = shared.load_model(args)
+    assert via_cli.fingerprint() == fp
+    for a, b in zip(jax.tree.leaves(via_cli.params), jax.tree.leaves(lm.params), strict=True):
+        assert a.sharding.mesh.shape["data"] == 1 and np.array_equal(a, b)
+
+
 def test_statistics_take_a_mesh_or_devices_not_both(smollm):
     from jaxedit.stats.second_moment import second_moments, stats_mesh
 

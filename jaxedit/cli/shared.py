@@ -11,14 +11,11 @@ from jaxedit.models.lm import LanguageModel
 
 @functools.lru_cache(maxsize=2)
 def _load(name: str, dtype: str, mesh: str | None) -> LanguageModel:
-    lm = load(name, dtype=dtype)
-    if mesh is None:
-        return lm
-    from jaxedit.models.sharding import shard
-
-    # Every command takes the sharded model as it is: jitted code follows the params'
-    # shardings, and edits keep them (`jaxedit.models.sharding`).
-    return shard(lm, mesh)
+    # On a mesh, safetensors stream each device's blocks straight into their sharded layout (no
+    # host copy of the model) and the file-based fingerprint is kept; every command then takes
+    # the sharded model as it is: jitted code follows the params' shardings, and edits keep
+    # them (`jaxedit.models.sharding`).
+    return load(name, dtype=dtype, mesh=mesh)
 
 
 def load_model(args: argparse.Namespace) -> LanguageModel:

@@ -263,10 +263,11 @@ def shard(lm, mesh: Mesh | str, rules: Rules = RULES):
 
     Everything downstream (forward, trace, statistics, edits, evaluation) takes it as it is:
     jitted functions follow their inputs' shardings, and a weight edit is a `tree_map` that
-    keeps each leaf's sharding.
+    keeps each leaf's sharding. The same values in another placement: a model loaded from files
+    keeps its file-based fingerprint (`LanguageModel.with_layout`), so caches still match.
     """
     mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
-    return lm.with_params(shard_params(lm.config, lm.params, mesh, rules))
+    return lm.with_layout(shard_params(lm.config, lm.params, mesh, rules))
 
 
 def mesh_of(tree: Any) -> Mesh | None:

@@ -27,7 +27,20 @@ from jaxedit.models.families.common import (
 MODEL_TYPES = ("gptj",)
 FAMILY = "gptj"
 KNOWN = (*GPT2_STYLE_KNOWN, "rotary_dim", "tie_word_embeddings")
-HARMLESS = GPT2_STYLE_DROPOUT
+# What EleutherAI/gpt-j-6B's config.json carries besides: `rotary` and `scale_attn_weights` are
+# read by no GPT-J code in transformers (GPT-J always rotates `rotary_dim` dims and scales scores
+# by 1/sqrt(head_dim)), `summary_*` configure a sequence-classification head jaxedit does not
+# build. Accepting them computes what transformers computes.
+HARMLESS = (
+    *GPT2_STYLE_DROPOUT,
+    "rotary",
+    "scale_attn_weights",
+    "summary_activation",
+    "summary_first_dropout",
+    "summary_proj_to_labels",
+    "summary_type",
+    "summary_use_proj",
+)
 IGNORED = (r"\.attn\.bias$", r"\.attn\.masked_bias$", r"rotary_emb\.inv_freq$")
 ALIASES: dict[str, tuple[str, ...]] = {}
 
