@@ -275,27 +275,47 @@ def cli(*args: str, timeout: int = 3000) -> dict:
 
 @pytest.mark.slow
 def test_cli_predict_on_fsdp8_equals_unsharded():
+    """The acceptance's first CLI point: `jaxedit predict --mesh fsdp=8` gives the unsharded
+    next-token probabilities over the whole vocabulary (within 1e-4), with the same top 10."""
     prompt = "The Eiffel Tower is located in the city of"
-    one = cli("predict", "--prompt", prompt, "--top-k", "10")
-    eight = cli("predict", "--prompt", prompt, "--top-k", "10", "--mesh", "fsdp=8")
-    assert [t["token"] for t in eight["top"]] == [t["token"] for t in one["top"]]
-    np.testing.assert_allclose(
-        [t["prob"] for t in eight["top"]], [t["prob"] for t in one["top"]], atol=1e-4
-    )
+    vocab = str(je.load("smollm2-135m").config.vocab_size)
+    one = cli("predict", "--prompt", prompt, "--top-k", vocab)
+    eight = cli("predict", "--prompt", prompt, "--top-k", vocab, "--mesh", "fsdp=8")
+    p1 = {t["id"]: t["prob"] for t in one["top"]}
+    p8 = {t["id"]: t["prob"] for t in eight["top"]}
+    assert p1.keys() == p8.keys() and len(p1) == int(vocab)
+    ids = sorted(p1)
+    diff = np.abs(np.array([p8[i] for i in ids]) - np.array([p1[i] for i in ids]))
+    print(f"\npredict fsdp=8 vs one device: max |dp| {diff.max():.2e} over {len(ids)} tokens")
+    assert diff.max() <= 1e-4
+    assert [t["id"] for t in eight["top"][:10]] == [t["id"] for t in one["top"][:10]]
 
 
 @pytest.mark.slow
 def test_cli_rome_edit_on_a_mesh_gives_the_unsharded_answer(tmp_path):
     """`jaxedit edit --method rome --mesh fsdp=4,tensor=2` (statistics computed on the mesh,
-    in its own cache) makes the model say what the unsharded edit makes it say."""
+    in its own cache) makes the model say what the unsharded edit makes it say, with the same
+    rank-one delta up to float rounding."""
     base = [
         "edit", "--method", "rome", "--prompt", "{} is located in the city of",
         "--subject", "The Eiffel Tower", "--target", "Rome", "--set", "mom2_n_tokens=2048",
     ]  # fmt: skip
-    one = cli(*base, "--cache-dir", str(tmp_path / "one"))
-    mesh = cli(*base, "--cache-dir", str(tmp_path / "mesh"), "--mesh", "fsdp=4,tensor=2")
+    one = cli(*base, "--cache-dir", str(tmp_path / "1"), "--save-edit", str(tmp_path / "1.st"))
+    mesh = cli(
+        *base, "--cache-dir", str(tmp_path / "8"), "--save-edit", str(tmp_path / "8.st"),
+        "--mesh", "fsdp=4,tensor=2",
+    )  # fmt: skip
     a, b = one["table"][0], mesh["table"][0]
     assert a["before"]["top1"] == b["before"]["top1"] == " Paris"
     assert b["after"]["top1"] == a["after"]["top1"] == " Rome"
-    assert abs(b["after"]["p_target"] - a["after"]["p_target"]) < 0.05
     assert mesh["edit"]["weights"] == one["edit"]["weights"]
+    d1, d8 = (je.load_edit(tmp_path / f).deltas for f in ("1.st", "8.st"))
+    assert [(d.site, d.layer) for d in d1] == [(d.site, d.layer) for d in d8]
+    m1, m8 = (np.stack([np.asarray(d.matrix(), np.float64) for d in ds]) for ds in (d1, d8))
+    rel = float(np.linalg.norm(m8 - m1) / np.linalg.norm(m1))
+    dp = abs(b["after"]["p_target"] - a["after"]["p_target"])
+    print(
+        f"\nrome fsdp=4,tensor=2 vs one device: p(Rome) {b['after']['p_target']:.4f} vs "
+        f"{a['after']['p_target']:.4f} (|dp| {dp:.1e}), delta rel. diff {rel:.1e}"
+    )
+    assert dp < 1e-3 and rel < 1e-3
