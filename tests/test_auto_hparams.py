@@ -156,6 +156,39 @@ def test_cli_edit_of_a_model_without_a_preset_names_the_layer(cache, capsys):
     assert f"layer {layer} of 2, the fallback depth rule" in out and "median relative depth" in out
 
 
+FAMILIES = sorted(p.name for p in GOLDENS.iterdir() if (p / "config.json").is_file())
+
+
+# One family in the fast suite (GPT-2's CLI road is the test above); each other family compiles
+# its own trace, statistics and v* programs (about a minute each on a loaded 2-core CPU).
+@pytest.mark.parametrize(
+    "family", [f if f == "llama" else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+)
+def test_edit_just_works_on_every_tiny_golden(family, cache, capsys, monkeypatch):
+    """`jaxedit edit --model DIR` on each family's tiny golden (no preset names any of them):
+    ROME hparams are chosen (the fallback: random weights know no fact), the layer is named,
+    the choice is cached under the model's fingerprint and read back by a second run."""
+    model = str(GOLDENS / family)
+    argv = ["edit", "--model", model, "--prompt", PROMPT, "--subject", SUBJECT, "--target",
+            "Rome", "--set", "v_num_grad_steps=4", "--set",
+            "context_template_length_params=[[3, 2]]", "--json"]  # fmt: skip
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 0, err
+    r = json.loads(out)
+    c = r["hparams_origin"]["choice"]
+    assert r["hparams_origin"]["kind"] == "automatic" and c["n_layers"] == 2
+    assert r["edit"]["weights"] == [f"mlp_out.{c['layer']}"] == [f"mlp_out.{r['hparams']['layer']}"]
+    assert r["probes"][0]["p_after"] > r["probes"][0]["p_before"]
+    cached = json.loads(ah.cache_file(c["fingerprint"]).read_text())
+    assert cached["layer"] == c["layer"] and cached["model"] == c["model"]
+    # A new process: the choice comes from the file, no new trace.
+    monkeypatch.setattr(ah, "_CHOSEN", {})
+    monkeypatch.setattr(ah, "_trace_choice", lambda lm, fp: pytest.fail("not cached"))
+    rc, out, err = _run(capsys, *argv[:-1], "--explain")
+    assert rc == 0, err
+    assert f"layer {c['layer']} of 2" in out and str(ah.cache_file(c["fingerprint"])) in out
+
+
 @pytest.mark.slow
 def test_our_exported_smollm2_is_edited_without_a_preset(smollm, cache, tmp_path, capsys):
     """The acceptance run: `jaxedit convert --out D` (no preset matches D), then `jaxedit edit

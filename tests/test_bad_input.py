@@ -29,8 +29,11 @@ NOT_UTF8 = "The Eiffel Tower \udcff is in"  # byte 0xff from argv (surrogateesca
 
 
 @pytest.fixture(autouse=True)
-def quiet(monkeypatch):
+def quiet(monkeypatch, tmp_path):
+    """No bars; each test runs in an empty working directory (`refused` checks it stays so)."""
     monkeypatch.setenv("JAXEDIT_PROGRESS", "0")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +50,8 @@ def refused(capsys, argv: list[str], message: str, cwd: Path | None = None) -> s
     assert len(lines) == 1, cap.err
     assert message in lines[0], lines[0]
     assert "Traceback" not in cap.err and "nan" not in cap.out.lower()
-    if cwd is not None:
-        assert list(cwd.iterdir()) == [], list(cwd.iterdir())  # nothing written
+    for d in {Path.cwd(), *([cwd] if cwd is not None else [])}:
+        assert list(d.iterdir()) == [], list(d.iterdir())  # nothing written
     return lines[0]
 
 
@@ -66,6 +69,51 @@ def test_trace_prompt_beyond_the_positions_writes_nothing(capsys, tmp_path):
     argv = ["trace", "--model", GPT2, "--prompt", LONG, "--subject", "The Eiffel Tower"]
     refused(capsys, [*argv, "--out", str(out)], "64 positions")
     assert not out.exists()
+
+
+EDIT = ["edit", "--model", GPT2, "--subject", "The Eiffel Tower", "--target", "Rome"]
+
+
+def test_edit_prompt_beyond_the_positions_writes_nothing(capsys, tmp_path):
+    out, e = tmp_path / "edited", tmp_path / "e.safetensors"
+    argv = [*EDIT, "--prompt", "{} " + LONG, "--save", str(out), "--save-edit", str(e)]
+    refused(capsys, argv, "64 positions")
+    assert not out.exists() and not e.exists()
+
+
+@pytest.mark.parametrize("field", ["--prompt", "--target"])
+def test_edit_text_not_utf8(field, capsys, tmp_path):
+    good = {"--prompt": "{} is located in the city of", "--target": "Rome"}
+    argv = [*EDIT, "--prompt", good["--prompt"], "--save", str(tmp_path / "o")]
+    argv = [a if i == 0 or argv[i - 1] != field else NOT_UTF8 for i, a in enumerate(argv)]
+    refused(capsys, argv, "not valid UTF-8 (byte 0xff")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("prompt", ["{} is in {}", "{} is in {city}", "{0} {}", "{} is in {"])
+def test_edit_prompt_that_is_not_a_template(prompt, capsys, tmp_path):
+    """A prompt with a second "{}" or another brace used to end in a formatting traceback."""
+    argv = [*EDIT, "--prompt", prompt, "--save", str(tmp_path / "o")]
+    refused(capsys, argv, "needs exactly one {}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_edit_requests_file_not_utf8(capsys, tmp_path):
+    bad = tmp_path / "edits.jsonl"
+    rec = '{"prompt": "{} is in", "subject": "Zürich", "target_new": "Rome"}\n'
+    bad.write_bytes(rec.encode("latin-1"))
+    argv = ["edit", "--model", GPT2, "--requests", str(bad), "--save", str(tmp_path / "o")]
+    line = refused(capsys, argv, "not UTF-8 text")
+    assert str(bad) in line and not (tmp_path / "o").exists()
+
+
+def test_stats_corpus_not_utf8(capsys, tmp_path):
+    bad = tmp_path / "corpus.txt"
+    bad.write_bytes("Zürich is a city.\n".encode("latin-1"))
+    cache = tmp_path / "cache"
+    argv = ["stats", "--model", GPT2, "--layer", "0", "--corpus", str(bad), "--cache", str(cache)]
+    line = refused(capsys, argv, "not UTF-8 text (byte 0xfc at line 1")
+    assert str(bad) in line and not cache.exists()
 
 
 def test_learned_positions_never_give_nan(gpt2):
@@ -102,7 +150,8 @@ def test_non_utf8_argv_in_a_real_process(tmp_path):
 
 def test_trace_subject_not_utf8(capsys, tmp_path):
     argv = ["trace", "--model", GPT2, "--prompt", NOT_UTF8, "--subject", "\udcff"]
-    refused(capsys, [*argv, "--out", str(tmp_path / "o")], "not valid UTF-8", cwd=tmp_path)
+    refused(capsys, [*argv, "--out", str(tmp_path / "o")], "not valid UTF-8")
+    assert not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------- data files
@@ -152,11 +201,18 @@ def test_text_files_read_as_utf8(tmp_path):
         (["stats", "--layer", "0", "--batch-tokens", "100000000000"], "--batch-tokens"),
         (["stats", "--layer", "0", "--tokens", "0"], "--tokens must be 1.."),
         (["stats", "--layer", "0", "--max-len", "1000"], "--max-len must be 1..64"),
+        (["edit", *EDIT[3:], "--prompt", "{} is", "--top-k", "100000000"], "--top-k must be 1.."),
+        (["edit", "--requests", "x.json", "--n", "0"], "--n must be positive"),
+        (["eval", "--data", "x.json", "--n", "0"], "--n must be positive"),
+        (["eval", "--data", "CF", "--n", "2", "--batch-size", "0"], "--batch-size must be"),
+        (["eval", "--data", "CF", "--n", "2", "--every", "0"], "--every must be"),
+        (["demo", "--top-k", "100000000"], "--top-k must be 1..256"),
     ],
 )
-def test_absurd_sizes(argv, message, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    refused(capsys, [*argv[:1], "--model", GPT2, *argv[1:]], message, cwd=tmp_path)
+def test_absurd_sizes(argv, message, capsys, data_dir):
+    cf = os.path.join(data_dir, "counterfact", "counterfact-edit.json")
+    argv = [cf if a == "CF" else a for a in argv]
+    refused(capsys, [*argv[:1], "--model", GPT2, *argv[1:]], message)  # in an empty directory
 
 
 # ----------------------------------------------------------------------------- --out
@@ -185,7 +241,8 @@ def test_demo_and_mend_train_refuse_an_existing_out(capsys, tmp_path):
 def test_failed_command_leaves_no_empty_out(capsys, tmp_path):
     out = tmp_path / "tr"
     argv = ["trace", "--model", GPT2, "--prompt", "a b c", "--subject", "zz", "--out", str(out)]
-    refused(capsys, argv, "does not occur in the prompt", cwd=tmp_path)
+    refused(capsys, argv, "does not occur in the prompt")
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")
@@ -232,10 +289,10 @@ def test_eval_refuses_an_existing_out_then_force_and_resume(eval_tiny, data_dir,
     assert res["cases"][:2] == again["cases"]
 
 
-def test_eval_failure_leaves_no_default_out(eval_tiny, data_dir, tmp_path, capsys, monkeypatch):
+def test_eval_failure_leaves_no_default_out(eval_tiny, data_dir, capsys, monkeypatch):
     """A run that fails after creating its (default) output directory, before any case is
-    measured, leaves no directory: nothing there to resume."""
-    monkeypatch.chdir(tmp_path)
+    measured, leaves no directory: nothing there to resume (`refused`: the working directory,
+    where the default runs/eval/... would be, stays empty)."""
 
     def boom(*args, **kwargs):
         raise InputError("the general block failed")
@@ -243,9 +300,7 @@ def test_eval_failure_leaves_no_default_out(eval_tiny, data_dir, tmp_path, capsy
     monkeypatch.setattr(runner, "measure_general", boom)
     data = os.path.join(data_dir, "counterfact", "counterfact-edit.json")
     refused(capsys, ["eval", "--data", data, "--n", "2"], "the general block failed")
-    assert not (tmp_path / "runs" / "eval" / "none-counterfact-edit").exists()
     refused(capsys, ["eval", "--data", data, "--n", "2", "--out", "o"], "the general block")
-    assert not (tmp_path / "o").exists()
 
 
 # ----------------------------------------------------------------------------- --resume --n

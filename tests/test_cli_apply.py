@@ -149,14 +149,29 @@ def test_dtype_is_accepted_by_every_command_that_loads_a_model(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args([mod.NAME, "--help"])
         usage = capsys.readouterr().out
-        if mod.NAME == "stats":  # its --dtype is the statistics' (float32 / float64)
-            assert "--dtype {float32,float64}" in usage
-        else:
-            assert "--dtype {float32,bfloat16}" in usage, mod.NAME
+        assert "--dtype {float32,bfloat16}" in usage, mod.NAME  # the same meaning everywhere
     args = parser.parse_args(["predict", "--prompt", "x", "--dtype", "bfloat16"])
     assert args.model_dtype == "bfloat16"
-    args = parser.parse_args(["stats", "--layer", "1", "--dtype", "float64"])
-    assert args.dtype == "float64" and not hasattr(args, "model_dtype")
+    # stats: --dtype is the params' too; C's accumulation dtype is --stats-dtype
+    args = parser.parse_args(["stats", "--layer", "1", "--dtype", "bfloat16"])
+    assert args.model_dtype == "bfloat16" and args.stats_dtype == "float32"
+    args = parser.parse_args(["stats", "--layer", "1", "--stats-dtype", "float64"])
+    assert args.model_dtype == "float32" and args.stats_dtype == "float64"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["stats", "--layer", "1", "--dtype", "float64"])
+    capsys.readouterr()
+
+
+def test_stats_of_a_bfloat16_model_accumulates_in_the_stats_dtype(tmp_path, capsys):
+    """`stats --dtype bfloat16 --stats-dtype float64` loads bf16 params and accumulates C in
+    float64; the result names both."""
+    argv = ["stats", "--model", GPT2, "--layer", "0", "--corpus", "self", "--tokens", "128",
+            "--max-len", "32", "--cache", str(tmp_path), "--json"]  # fmt: skip
+    rc, out, err = _run(capsys, *argv, "--dtype", "bfloat16", "--stats-dtype", "float64")
+    assert rc == 0, err
+    r = json.loads(out)
+    assert r["model_dtype"] == "bfloat16" and r["stats_dtype"] == "float64"
+    assert r["tokens"] >= 128 and r["trace"] > 0 and r["eig_max"] >= r["eig_min"]
 
 
 def test_edit_save_edit_then_apply_and_invert(tmp_path, capsys, monkeypatch):

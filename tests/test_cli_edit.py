@@ -69,6 +69,7 @@ def test_edit_refuses_non_empty_save_dir(use_smollm, capsys, tmp_path):
     assert rc == 2 and "not empty" in err
 
 
+@pytest.mark.slow  # writes the whole model; test_cli_apply covers --save-edit by default
 def test_edit_json_save_and_edit_file(use_smollm, capsys, tmp_path, data_dir):
     smollm = use_smollm
     corpus = os.path.join(data_dir, "wikitext", "wiki.test.raw")

@@ -307,6 +307,7 @@ def test_greedy_decoding_reads_the_models_context(tiny):
     assert len(ids) == 10 and generation.generate_ids(tiny, [joined], plain) == [ids]
 
 
+@pytest.mark.slow
 def test_generation_metrics_with_snippets(tiny, data_dir, tmp_path):
     """Fluency for every case; consistency where the attribute snippets have references."""
     f = os.path.join(data_dir, "counterfact", "original_format", "most_orthogonal.json")

@@ -208,7 +208,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("objective", ft.OBJECTIVES)
+@pytest.mark.parametrize(
+    "objective",
+    [o if i == 0 else pytest.param(o, marks=pytest.mark.slow) for i, o in enumerate(ft.OBJECTIVES)],
+)  # the first objective by default (~15 s each: the eager reference is slow)
 def test_jitted_loop_equals_the_eager_reference(tiny, objective):
     hp = CASES[objective]
     b = ft.ft_batch(tiny.tokenizer, REQUESTS, objective, hp.batch_size, 2048)

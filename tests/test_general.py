@@ -171,6 +171,7 @@ def broken(lm, state, requests):
     return WeightEdit((WeightDelta("mlp_out", 2, dense=4.0 * w),)), {}
 
 
+@pytest.mark.slow  # ~40 s: perplexity, known facts and fluency of a 135M model
 def test_general_block_on_the_embedded_model(smollm, data_dir):
     """Sane perplexity; `none` leaves the block as it was; a broken weight raises perplexity
     and lowers known-facts accuracy and fluency (the runner's edited block: tests/test_lifelong)."""

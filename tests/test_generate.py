@@ -101,7 +101,7 @@ CONTEXT = ContextEdit(
 )
 
 
-@pytest.mark.parametrize("family", ("mistral", "gpt2"))
+@pytest.mark.parametrize("family", (pytest.param("mistral", marks=pytest.mark.slow), "gpt2"))
 def test_context_model_equals_plain_model_on_joined_text(family):
     """The context runs once into a KV cache; prompts (batched, left-padded) attend to it.
     Same log-probs and greedy text as the plain model on context + prompt (mistral's sliding
@@ -129,6 +129,7 @@ def test_long_generation_refits_the_context():
     assert text == generate(lm, head + "ab is", max_new_tokens=n)
 
 
+@pytest.mark.slow
 def test_context_on_the_embedded_model(smollm):
     """The real tokenizer: "…Prompt: " + prompt is tokenized as the joined text."""
     ctx = ContextEdit(("The Eiffel Tower is located in the city of Rome",), reserve_tokens=16)

@@ -161,6 +161,7 @@ def test_layers_are_checked(lm, corpus, tmp_path):
     assert list(twice) == [1] and len(list(tmp_path.glob("*.npz"))) == 1
 
 
+@pytest.mark.slow  # test_stats.py runs the one-layer version on eight devices by default
 def test_eight_simulated_devices_equal_one_for_several_layers():
     script = textwrap.dedent(
         f"""

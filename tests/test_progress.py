@@ -86,7 +86,7 @@ def test_durations_read_naturally():
     assert progress.duration(3 * 3600) == "3.0 h"
 
 
-@pytest.mark.parametrize("lanes", [1, 2])
+@pytest.mark.parametrize("lanes", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_target_steps_reported_between_calls_give_the_same_values(tiny, lanes, capsys):
     """With a bar the loop runs one step per compiled call, its state carried along: δ, steps
     and losses are exactly those of one call to the end (the same compiled loop body)."""
