@@ -1,13 +1,14 @@
 """`jaxedit` command line: one module per command in `jaxedit/commands/`.
 
 Each command module defines NAME, HELP, `add_arguments(parser)`, `run(args) -> dict` and,
-optionally, `render(result) -> str` for human output. Every command takes `--model` and
-`--json` and `--no-progress` (bars on stderr, only when it is a terminal: `jaxedit.progress`).
+optionally, `render(result) -> str` for human output. Every command takes `--model`, `--json`,
+`--dtype` (the loaded params': float32 or bfloat16, the same meaning everywhere) and
+`--no-progress` (bars on stderr, only when it is a terminal: `jaxedit.progress`).
 User errors (`JaxeditError`, and a file that is not UTF-8) print one line and exit 2, without a
 traceback; an output directory (`--out`, `--save`) that a failed command created is removed
 again when it holds no file. JAX's persistent compilation cache is on (`jaxedit.compile_cache`,
-`--no-compile-cache` or `JAXEDIT_NO_COMPILE_CACHE=1` to opt out); trace / demo / edit / eval results get "timing" (compile,
-tracing and run seconds, persistent-cache hits and misses).
+`--no-compile-cache` or `JAXEDIT_NO_COMPILE_CACHE=1` to opt out); trace / demo / edit / eval
+results get "timing" (compile, tracing and run seconds, persistent-cache hits and misses).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 from jaxedit import compile_cache, progress
 from jaxedit.cli.commands.data import resolve_data_args
 from jaxedit.errors import JaxeditError
-from jaxedit.io.atomic import remove_new_empty_dirs
+from jaxedit.io.atomic import first_new_dir, remove_new_empty_dirs
 
 # Commands whose dict result carries "timing" (compile seconds apart from run seconds): the
 # long ones, where a warm compilation cache matters.
@@ -61,13 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--json", action="store_true", help="print a JSON result on stdout")
         mod.add_arguments(p)
-        if "--dtype" not in p._option_string_actions:  # stats keeps its own (statistics) --dtype
+        if "--dtype" not in p._option_string_actions:  # plan's: the same, default bfloat16
             p.add_argument(
                 "--dtype",
                 dest="model_dtype",
                 default="float32",
                 choices=("float32", "bfloat16"),
-                help="dtype of the loaded params (default float32)",
+                help="dtype of the loaded params (default float32; norms, softmax, statistics "
+                "and solves stay in fp32 or fp64)",
             )
         if "--no-progress" not in p._option_string_actions:
             p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     mod = args._module
     # Output directories this command may create: a failure must not leave them empty.
     outs = [p for p in (getattr(args, a, None) for a in ("out", "save")) if p]
-    new = [p for p in outs if not os.path.exists(p)]
+    new = [d for d in map(first_new_dir, outs) if d is not None]  # with parents it creates
     ok = False
     try:
         resolve_data_args(args)  # registered data-set names -> cached files (`jaxedit data`)

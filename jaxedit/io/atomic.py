@@ -137,3 +137,15 @@ def remove_new_empty_dirs(paths: Iterable[str | os.PathLike]) -> None:
         if any(f.is_file() or f.is_symlink() for f in p.rglob("*")):
             continue
         shutil.rmtree(p, ignore_errors=True)
+
+
+def first_new_dir(path: str | os.PathLike) -> Path | None:
+    """The outermost directory of `path` that does not exist yet (`path` itself, or the first
+    missing parent that creating it would make), None when `path` exists: what a failure must
+    remove to leave nothing behind (`runs/eval/x` in an empty directory: `runs`)."""
+    p = Path(path).absolute()
+    if p.exists():
+        return None
+    while not p.parent.exists():
+        p = p.parent
+    return p

@@ -34,6 +34,7 @@ from jaxtyping import Array, Int
 
 from jaxedit import progress as progress_bars
 from jaxedit.errors import InputError
+from jaxedit.io.text import read_text
 from jaxedit.models.config import ModelConfig
 from jaxedit.models.generate import prefill_and_decode
 from jaxedit.models.lm import LanguageModel
@@ -169,22 +170,31 @@ def _text_docs(path: Path) -> Iterator[str]:
     if not files:
         raise InputError(f"corpus {path}: no .txt / .raw / .jsonl files")
     for f in files:
-        with open(f, encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
-                if f.suffix in (".jsonl", ".json"):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise InputError(f"{f}:{i + 1}: not a JSON line ({e})") from e
-                    text = rec.get("text") if isinstance(rec, dict) else None
-                    if not isinstance(text, str):
-                        raise InputError(f"{f}:{i + 1}: JSON line without a string 'text' field")
-                else:
-                    text = line.rstrip("\n")
-                if text.strip():
-                    yield text
+        try:
+            yield from _file_texts(f)
+        except UnicodeDecodeError:
+            read_text(f, "corpus")  # raises the one-line InputError naming file, line and byte
+            raise
+
+
+def _file_texts(f: Path) -> Iterator[str]:
+    """The non-blank texts of one corpus file (lines, or JSON lines' "text"), streamed."""
+    with open(f, encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            if f.suffix in (".jsonl", ".json"):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{f}:{i + 1}: not a JSON line ({e})") from e
+                text = rec.get("text") if isinstance(rec, dict) else None
+                if not isinstance(text, str):
+                    raise InputError(f"{f}:{i + 1}: JSON line without a string 'text' field")
+            else:
+                text = line.rstrip("\n")
+            if text.strip():
+                yield text
 
 
 def file_fingerprint(path: Path) -> str:

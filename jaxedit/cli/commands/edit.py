@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from jaxedit import hparams as hparams_lib
+from jaxedit import progress
 from jaxedit.cli.method_args import add_method_arguments, hparams_json, method_and_hparams
 from jaxedit.cli.shared import load_model
 from jaxedit.edit_target import stamp
@@ -160,7 +161,22 @@ def _request(rec: object) -> EditRequest:
     true = _string(rec.get("target_true"))
     if true is not None and not isinstance(true, str):
         raise InputError("target_true must be a string")
-    return from_prompt(rec["prompt"], rec["subject"], target, target_true=true)
+    return _checked(from_prompt(rec["prompt"], rec["subject"], target, target_true=true))
+
+
+def _checked(req: EditRequest) -> EditRequest:
+    """`req`, refused when its prompt is not a template with one "{}" for the subject (a
+    second "{}" or a brace such as "{name}" would fail later, deep in formatting)."""
+    try:
+        ok = req.prompt.count("{}") == 1 and req.prompt.format("") is not None
+    except (IndexError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(
+            f"prompt {req.prompt!r}: needs exactly one {{}} where the subject goes and no other "
+            "braces (write a literal brace as {{ or }})"
+        )
+    return req
 
 
 def read_requests(path: str | Path, n: int | None = None) -> list[EditRequest]:
@@ -194,6 +210,11 @@ def read_requests(path: str | Path, n: int | None = None) -> list[EditRequest]:
         ds = datasets.load(path, format=fmt, n=n, skip_bad=True)
         if ds.n_bad:
             raise InputError(f"--requests {path}: {ds.bad[0]}")
+        for i, r in enumerate(ds.requests):
+            try:
+                _checked(r)
+            except InputError as e:
+                raise InputError(f"--requests {path}: record {i}: {e}") from None
         return ds.requests
     out = []
     for where, rec in records[:n]:
@@ -213,7 +234,8 @@ def _requests(args) -> list[EditRequest]:
         raise InputError("--n takes the first N records of --requests FILE; no file given")
     if not (args.prompt and args.subject and args.target is not None):
         raise InputError("--prompt, --subject and --target are required (or --requests FILE)")
-    return [from_prompt(args.prompt, args.subject, args.target, target_true=args.target_true)]
+    req = from_prompt(args.prompt, args.subject, args.target, target_true=args.target_true)
+    return [_checked(req)]
 
 
 # ----------------------------------------------------------------------------- the command
@@ -305,7 +327,7 @@ def run(args) -> dict:
     probes = _probes(shown, before[len(shown) :])
     p_before = _probe_probs(lm, probes)
     t0 = time.perf_counter()
-    state = method.prepare(lm, hp, cache_dir=args.cache_dir, progress=not args.json)
+    state = method.prepare(lm, hp, cache_dir=args.cache_dir, progress=progress.shown())
     t1 = time.perf_counter()
     edit, info = method.compute(lm, state, reqs)  # all requests in one call
     edited = apply(lm, edit)

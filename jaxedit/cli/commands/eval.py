@@ -40,7 +40,7 @@ from jaxedit.errors import InputError
 from jaxedit.eval import compare, datasets, general, remeasure, report, runner
 from jaxedit.eval.datasets.snippets import load_snippets
 from jaxedit.eval.generation import DECODINGS, DEFAULT_DECODING, Decoding
-from jaxedit.io.atomic import check_out_dir
+from jaxedit.io.atomic import check_out_dir, first_new_dir, remove_new_empty_dirs
 
 NAME = "eval"
 HELP = "evaluate an editing method on CounterFact / zsRE / KnowEdit / MQuAKE (with baseline)"
@@ -236,11 +236,14 @@ def run(args) -> dict:
         raise InputError("--resume continues the run in --out, --force replaces it: choose one")
     check_out_dir(out, resume=args.resume, force=args.force)  # before the model loads
     fresh = not os.path.exists(out)
+    new = first_new_dir(out)  # runs/ and runs/eval/ too, when the default creates them
     try:
         return _evaluate(args, ds, suite, decoding, snippets, out)
     except BaseException:
         if fresh:  # a run that failed before its first case leaves no directory behind
             _remove_unstarted(out)
+            if new is not None:
+                remove_new_empty_dirs([new])
         raise
 
 

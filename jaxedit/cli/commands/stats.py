@@ -1,4 +1,9 @@
-"""jaxedit stats: second-moment statistics C = E[k kᵀ] of one layer's MLP keys (cached)."""
+"""jaxedit stats: second-moment statistics C = E[k kᵀ] of one layer's MLP keys (cached).
+
+`--dtype` is the loaded params' dtype, as for every command; the accumulation dtype of C is
+`--stats-dtype` (float32, or float64 as the papers solve in; ROME's `mom2_dtype`). Statistics
+accumulate in fp32 or fp64 whatever the params are (bf16 params give bf16 keys, summed in fp32).
+"""
 
 from __future__ import annotations
 
@@ -30,8 +35,19 @@ def add_arguments(p):
         help=f"number of tokens (default {stats.DEFAULT_N_TOKENS})",
     )
     p.add_argument("--samples", type=int, default=None, help="at most this many documents")
-    p.add_argument("--max-len", type=int, default=256, help="tokens per document (truncation)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="tokens per document (truncation; default 256, or the model's positions if fewer)",
+    )
+    p.add_argument(
+        "--stats-dtype",
+        default="float32",
+        choices=("float32", "float64"),
+        help="dtype C is accumulated in (ROME's mom2_dtype; default float32); the params' "
+        "dtype is --dtype, as for every command",
+    )
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per batch")
     p.add_argument("--cache", default=None, help="cache directory (default ~/.cache/jaxedit)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
@@ -48,6 +64,7 @@ def add_arguments(p):
     )
 
 
+DEFAULT_MAX_LEN = 256
 MAX_TOKENS = 10**9  # a billion keys: days on a CPU, and far past what C = E[k kᵀ] needs
 MAX_BATCH_TOKENS = 1 << 20  # keys [batch, F] in fp32: 1M tokens × 8192 wide is 32 GiB
 
@@ -59,6 +76,8 @@ def _check(args, max_positions: int | None = None) -> None:
         raise InputError(f"--batch-tokens must be 1..{MAX_BATCH_TOKENS:,}, got {args.batch_tokens}")
     if args.samples is not None and args.samples < 1:
         raise InputError(f"--samples must be at least 1, got {args.samples}")
+    if args.max_len is None:
+        return
     top = max_positions or args.max_len
     if not 1 <= args.max_len <= top:
         raise InputError(f"--max-len must be 1..{top} (the model's positions), got {args.max_len}")
@@ -68,6 +87,8 @@ def run(args) -> dict:
     _check(args)  # before the model loads
     lm = load_model(args)
     _check(args, lm.config.max_positions)
+    if args.max_len is None:
+        args.max_len = min(DEFAULT_MAX_LEN, lm.config.max_positions)
     t0 = time.perf_counter()
     st = stats.layer_stats(
         lm,
@@ -76,7 +97,7 @@ def run(args) -> dict:
         n_tokens=args.tokens,
         n_samples=args.samples,
         max_len=args.max_len,
-        dtype=args.dtype,
+        dtype=args.stats_dtype,
         cache_dir=args.cache,
         use_cache=not args.no_cache,
         on_bad_cache="error" if args.strict_cache else "rebuild",
@@ -91,7 +112,8 @@ def run(args) -> dict:
         "corpus": args.corpus,
         "tokens": st.count,
         "documents": st.meta.get("documents"),
-        "dtype": args.dtype,
+        "stats_dtype": args.stats_dtype,
+        "model_dtype": args.model_dtype,
         "from_cache": st.meta.get("from_cache"),
         "cache": st.meta.get("cache"),
         "seconds": round(time.perf_counter() - t0, 3),
