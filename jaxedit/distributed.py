@@ -20,6 +20,9 @@ How work is split (data parallel across processes, no scheduler of our own):
   process. Arrays travel as their raw bytes (viewed as uint32), so fp64 accumulators cross
   bit-exactly, and are summed in process order.
 - `allgather_json(obj)`: every process's JSON-able result, in process order (evaluation rows).
+- `work_share(n, params)` / `gather_units(pairs)`: the evaluation runner's cases (or chunks)
+  this process runs, and every process's results joined by case index. A model whose mesh
+  spans processes is one SPMD program: then every process runs every case in lockstep.
 
 The statistics (`jaxedit.stats.second_moment.second_moments`) use the first two: each process
 streams its documents through its own devices, then the Σ k kᵀ sums and token counts are added
@@ -158,6 +161,33 @@ def sum_over_processes(array: np.ndarray, count: int = 0) -> tuple[np.ndarray, i
 def allgather_json(obj: Any) -> list[Any]:
     """Every process's JSON-able `obj`, in process order (one process: [obj])."""
     return [json.loads(b) for b in _gather_bytes(json.dumps(obj).encode())]
+
+
+def gather_units(local: Sequence[tuple[int, Any]]) -> dict[int, Any]:
+    """{unit index: JSON-able result} of every process, from each process's `(index, result)`
+    pairs (each process's share of units, `work_share`)."""
+    out: dict[int, Any] = {}
+    for part in allgather_json([[int(k), v] for k, v in local]):
+        out.update({int(k): v for k, v in part})
+    return out
+
+
+def splits_work(tree: Any = None) -> bool:
+    """Whether work units split over this job's processes: several processes, and `tree` (a
+    model's params) on each process's own devices. A model on a mesh that spans processes runs
+    every computation on all of them at once, so every process runs every unit in lockstep."""
+    if jax.process_count() == 1:
+        return False
+    from jaxedit.models.sharding import mesh_of
+
+    mesh = None if tree is None else mesh_of(tree)
+    return mesh is None or is_local(mesh)
+
+
+def work_share(n: int, tree: Any = None) -> list[int]:
+    """The indices of `n` work units (evaluation cases, chunks) this process runs: its
+    `process_share` when the work splits (`splits_work`), else all of them."""
+    return process_share(range(n)) if splits_work(tree) else list(range(n))
 
 
 def is_local(mesh) -> bool:

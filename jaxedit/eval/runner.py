@@ -39,12 +39,22 @@ sequential mode restarts from the checkpoint written after every round,
 `state`: `method.save_state`); a resumed run ends with the results of an uninterrupted one. A
 resumed run may have more cases than the one it continues (a larger `--n`): the finished ones
 are kept (sequential: the saved rounds must be its first rounds) and the rest are run.
+Several processes (`jaxedit.distributed.initialize`) split the work: each process runs its
+share of the cases (independent mode) or chunks (batch mode), `distributed.work_share` (every
+n-th), on its own devices, and the rows are joined in case order (`distributed.gather_units`), so
+every process returns what one process would; only process 0 writes files (its cases.jsonl gets
+the other processes' rows when they are joined; on --resume every process skips the cases
+process 0's log holds). Each process measures the unedited model on its own cases only. A
+sequential run's rounds edit one model in order: every process runs all of them. A model on a
+mesh spanning processes is one SPMD program: every process then runs every case in lockstep.
+
 Metric definitions: `jaxedit.eval.metrics`; what each request is scored on:
 `jaxedit.eval.measure`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -58,6 +68,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxedit import distributed
 from jaxedit import progress as progress_bars
 from jaxedit.edits import Edit, WeightEdit, apply, load_edit, save_edit
 from jaxedit.errors import CheckpointError, InputError
@@ -211,6 +222,15 @@ class _Run:
     last_general: dict | None = None  # the general block of the model after the last edit
     general_seconds: float = 0.0  # spent measuring edited models' general blocks
     gen_base: dict[int, GenScores] | None = None  # unedited continuations (None: no *_gen)
+    units: dict[int, dict] = field(default_factory=dict)  # this process's rows by case / chunk
+
+    @contextlib.contextmanager
+    def unit(self, k: int):
+        """Record the rows and seconds that case (or chunk) `k` adds (joined across processes
+        by `join_processes`)."""
+        n_rows, n_secs = len(self.rows), len(self.seconds)
+        yield
+        self.units[k] = {"rows": self.rows[n_rows:], "seconds": self.seconds[n_secs:]}
 
     def edit(self, lm: LanguageModel, reqs: list[EditRequest]) -> tuple[LanguageModel, dict]:
         """`method.compute` (stateless) applied to `lm`."""
@@ -305,26 +325,33 @@ class _Run:
 # ----------------------------------------------------------------------------- modes
 
 
-def run_independent(run: _Run, groups: list[list[EditRequest]]) -> None:
-    """Each group edited from the original model (`method.compute`), measured, dropped."""
-    for k, g in enumerate(groups):
-        done = [run.log.done.get(str(r.case_id)) for r in g]
-        if all(done):
-            run.rows.extend(done)
-            run.seconds.append(float(done[0].get("seconds") or 0.0))  # its measured time
-            run.bar.update(1, timed=False)
-            continue
-        t0 = time.time()
-        edited, info = run.edit(run.lm, g)
-        posts = run.scores(edited, g)
-        secs = time.time() - t0
-        run.seconds.append(secs)
-        run.record(g, posts, secs, edited, info)
-        if k == len(groups) - 1 and run.general is not None:
-            run.last_general = run.general_of(edited)
-            run.log.append({"general": run.last_general, "after": str(g[-1].case_id)})
-        run.bar.update(1)
-    if run.general is not None and run.last_general is None:
+def run_independent(
+    run: _Run, groups: list[list[EditRequest]], mine: Sequence[int] | None = None
+) -> None:
+    """Each group edited from the original model (`method.compute`), measured, dropped; `mine`:
+    the indices of the groups this process runs (default all)."""
+    last = len(groups) - 1
+    for k in range(len(groups)) if mine is None else mine:
+        g = groups[k]
+        with run.unit(k):
+            done = [run.log.done.get(str(r.case_id)) for r in g]
+            if all(done):
+                run.rows.extend(done)
+                run.seconds.append(float(done[0].get("seconds") or 0.0))  # its measured time
+                run.bar.update(1, timed=False)
+                continue
+            t0 = time.time()
+            edited, info = run.edit(run.lm, g)
+            posts = run.scores(edited, g)
+            secs = time.time() - t0
+            run.seconds.append(secs)
+            run.record(g, posts, secs, edited, info)
+            if k == last and run.general is not None:
+                run.last_general = run.general_of(edited)
+                run.log.append({"general": run.last_general, "after": str(g[-1].case_id)})
+            run.bar.update(1)
+    owner = mine is None or last in mine
+    if owner and run.general is not None and run.last_general is None:
         # measured by the run this one resumes, after the same last case (a line without
         # "after" comes from an older version of this file)
         after = run.log.general_after
@@ -333,19 +360,29 @@ def run_independent(run: _Run, groups: list[list[EditRequest]]) -> None:
             run.last_general = run.general_of(run.edit(run.lm, groups[-1])[0])
 
 
-def run_batch(run: _Run, groups: list[list[EditRequest]], batch_size: int | None) -> None:
-    """One `method.compute` (stateless) per chunk of about `batch_size` requests (whole
-    groups) from the original model, measured on its own."""
-    size = batch_size or sum(map(len, groups))
-    for chunk in _chunks(groups, size):
-        t0 = time.time()
-        edited, info = run.edit(run.lm, chunk)
-        posts = run.scores(edited, chunk)
-        secs = (time.time() - t0) / len(chunk)
-        run.seconds.extend([secs] * len(chunk))
-        run.record(chunk, posts, secs, edited, info)
-        run.bar.update(len(chunk))
-    run.last_general = run.general_of(edited)
+def run_batch(
+    run: _Run, chunks: list[list[EditRequest]], mine: Sequence[int] | None = None
+) -> None:
+    """One `method.compute` (stateless) per chunk (`batch_chunks`) from the original model,
+    measured on its own; `mine`: the chunks this process runs (default all). The general block
+    is measured after the last chunk."""
+    for k in range(len(chunks)) if mine is None else mine:
+        chunk = chunks[k]
+        with run.unit(k):
+            t0 = time.time()
+            edited, info = run.edit(run.lm, chunk)
+            posts = run.scores(edited, chunk)
+            secs = (time.time() - t0) / len(chunk)
+            run.seconds.extend([secs] * len(chunk))
+            run.record(chunk, posts, secs, edited, info)
+            run.bar.update(len(chunk))
+        if k == len(chunks) - 1:
+            run.last_general = run.general_of(edited)
+
+
+def batch_chunks(groups: list[list[EditRequest]], batch_size: int | None) -> list:
+    """A batch run's chunks: about `batch_size` requests each (whole groups; default all)."""
+    return list(_chunks(groups, batch_size or sum(map(len, groups))))
 
 
 def _chunks(groups: list[list[EditRequest]], size: int):
@@ -432,6 +469,51 @@ def _accumulate(acc: Edit | None, edit: Edit) -> Edit:
     """All rounds so far as one edit (a weight edit: one delta per (site, layer))."""
     total = edit if acc is None else acc.compose(edit)
     return total.consolidated() if isinstance(total, WeightEdit) else total
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def open_log(out: str | Path | None, header: dict, *, resume: bool) -> CaseLog:
+    """The run's `CaseLog`: process 0 writes the files; with several processes, every process
+    learns the cases process 0's log holds (and fails with process 0's error, if any)."""
+    if jax.process_count() == 1:
+        return CaseLog(out, header, resume=resume)
+    log, error = CaseLog(None, header, resume=False), None
+    if jax.process_index() == 0:
+        try:
+            log = CaseLog(out, header, resume=resume)
+        except InputError as e:  # every process must stop, not wait for process 0
+            error = str(e)
+    after = [[k, v] for k, v in log.general_after.items()]  # (a None key: JSON has none)
+    first = distributed.allgather_json({"error": error, "done": log.done, "after": after})[0]
+    if first["error"] is not None:
+        raise InputError(first["error"])
+    log.done = first["done"]
+    log.general_after = {k: v for k, v in first["after"]}
+    return log
+
+
+def join_processes(run: _Run, units: list[list[EditRequest]], mode: str) -> None:
+    """Every process's rows and seconds in case (chunk) order, and the general block measured
+    after the last one, on every process; process 0 logs the rows the others measured."""
+    last = len(units) - 1
+    general = {last: {"general": run.last_general}}
+    mine = [(k, u | general.get(k, {})) for k, u in run.units.items()]
+    every = distributed.gather_units(report.as_jsonable(mine))
+    run.rows = [row for k in range(len(units)) for row in every[k]["rows"]]
+    run.seconds = [sec for k in range(len(units)) for sec in every[k]["seconds"]]
+    if run.general is not None:
+        run.last_general = every[last]["general"]
+    fresh = lambda row: str(row["case_id"]) not in run.log.done  # noqa: E731 (not resumed)
+    for k in range(len(units)):
+        if k not in run.units:
+            for row in filter(fresh, every[k]["rows"]):
+                run.log.append(row)
+    last_id = str(units[last][-1].case_id)
+    if mode == "independent" and run.general is not None and last not in run.units:
+        if last_id not in run.log.done:
+            run.log.append({"general": run.last_general, "after": last_id})
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -576,7 +658,13 @@ def evaluate(
     t_start = time.time()
     groups = group_cases(list(requests))
     flat = [r for g in groups for r in g]
-    baseline = {id(r): s for r, s in zip(flat, measure(lm, flat), strict=True)}
+    # Several processes with a process-local model: each measures (and edits) its own cases.
+    split = distributed.splits_work(lm.params)
+    if split and mode == "sequential" and resume:
+        raise InputError("--resume of a sequential run over several processes: resume it in one")
+    baseline: dict[int, Scores] = {}
+    if known_only or not split:
+        baseline = {id(r): s for r, s in zip(flat, measure(lm, flat), strict=True)}
     n_dropped = 0
     if known_only:
         kept = [g for g in groups if all(is_known(r, baseline[id(r)]) for r in g)]
@@ -613,35 +701,48 @@ def evaluate(
             **(info or {}),
         }
     )
-    log = CaseLog(out, header, resume=resume)
+    log = open_log(out, header, resume=resume)
     gen = None if generation is None else Generation(generation, snippets)
+    # The units of work: cases (groups), chunks, or rounds (sequential: never split)
+    units = groups if mode == "independent" else None
+    units = batch_chunks(groups, batch_size) if mode == "batch" else units
+    mine = None if units is None or not split else distributed.work_share(len(units))
+    if mine is None:
+        kept = [r for g in groups for r in g]
+    else:  # what this process scores
+        kept = [r for k in mine for r in units[k]]
+    todo = [r for r in kept if id(r) not in baseline]
+    if todo:
+        baseline.update(zip(map(id, todo), measure(lm, todo), strict=True))
     if mode == "sequential":
         total, unit = len(rounds_of(groups, batch_size)), "round"
     else:
-        n_requests = sum(map(len, groups))
-        total, unit = (len(groups), "case") if mode == "independent" else (n_requests, "request")
+        n_cases = len(units if mine is None else mine)
+        total, unit = (n_cases, "case") if mode == "independent" else (len(kept), "request")
     t0 = time.time()
     base_general = None if suite is None else measure_general(lm, suite)
     t_general = time.time() - t0
-    bar = _progress(total, progress, f"{method.name} {mode}", unit)
+    enabled = progress and jax.process_index() == 0
+    bar = _progress(total, enabled, f"{method.name} {mode}", unit)
     run = _Run(lm, method, state, baseline, log, gen, suite, bar, resume, t_start)
     run.base_general = base_general
     if gen_metrics is None:
         gen_metrics = generation is not None
     if gen_metrics:
-        kept = [r for g in groups for r in g]
         run.gen_base = dict(zip(map(id, kept), measure_generated(lm, kept), strict=True))
     seq: dict = {}
     bar.restart_clock()  # the estimate times the cases, not the set-up above
     try:
         if mode == "independent":
-            run_independent(run, groups)
+            run_independent(run, groups, mine)
         elif mode == "sequential":
             seq = run_sequential(run, groups, every, batch_size)
         else:
-            run_batch(run, groups, batch_size)
+            run_batch(run, units, mine)
     finally:
         bar.close()
+    if mine is not None:
+        join_processes(run, units, mode)
     general_block = None
     if suite is not None:
         general_block = {
