@@ -177,6 +177,7 @@ def test_edit_just_works_on_every_tiny_golden(family, cache, capsys, monkeypatch
     r = json.loads(out)
     c = r["hparams_origin"]["choice"]
     assert r["hparams_origin"]["kind"] == "automatic" and c["n_layers"] == 2
+    assert c["rule"] == "fallback" and c["layer"] == ah.fallback_layer(2)  # random: no fact known
     assert r["edit"]["weights"] == [f"mlp_out.{c['layer']}"] == [f"mlp_out.{r['hparams']['layer']}"]
     assert r["probes"][0]["p_after"] > r["probes"][0]["p_before"]
     cached = json.loads(ah.cache_file(c["fingerprint"]).read_text())

@@ -207,6 +207,8 @@ def test_text_files_read_as_utf8(tmp_path):
         (["eval", "--data", "CF", "--n", "2", "--batch-size", "0"], "--batch-size must be"),
         (["eval", "--data", "CF", "--n", "2", "--every", "0"], "--every must be"),
         (["demo", "--top-k", "100000000"], "--top-k must be 1..256"),
+        (["mend-train", "--data", "CF", "--out", "o", "--steps", "0"], "--steps must be positive"),
+        (["mend-train", "--data", "CF", "--out", "o", "--batch", "0"], "--batch must be positive"),
     ],
 )
 def test_absurd_sizes(argv, message, capsys, data_dir):

@@ -278,6 +278,8 @@ def test_every_cli_data_argument_accepts_a_name(cache, data_dir, capsys):
         (["edit", "--requests", "counterfact-edit"], "requests", path),
         (["mend-train", "--data", "counterfact-edit,known_1000", "--out", "x"], "data",
          f"{path},{known}"),
+        (["eval", "--method", "ike", "--set", "demos=counterfact-edit", "--set", "k=4"],
+         "hparam_overrides", [f"demos={path}", "k=4"]),
     ]  # fmt: skip
     for argv, dest, want in cases:
         args = build_parser().parse_args(argv)
@@ -287,3 +289,6 @@ def test_every_cli_data_argument_accepts_a_name(cache, data_dir, capsys):
     rc, out, err = _run(capsys, "eval", "--data", "zsre", "--model", "no-such-model")
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "jaxedit data get zsre" in err and "rome.baulab.info" in err
+    rc, out, err = _run(capsys, "edit", "--method", "ike", "--set", "demos=zsre", "--model", "x")
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "--set demos=" in err and "jaxedit data get zsre" in err

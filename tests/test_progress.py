@@ -162,3 +162,50 @@ def test_statistics_sampling_shows_its_steps_with_the_same_samples(capsys):
     err = capsys.readouterr().err
     assert "sampling 3 x 15 tokens" in err and "15/15" in err
     assert shown.docs == quiet.docs
+
+
+def test_eval_cases_show_a_bar_and_an_estimate(smollm, data_dir, tmp_path, capsys, monkeypatch):
+    """`jaxedit eval` counts its cases on a bar and, after the first, estimates the whole run;
+    `--no-progress` (or stderr not a terminal) shows neither."""
+    import os
+
+    from conftest import tiny_llama_config
+
+    from jaxedit import methods
+    from jaxedit.cli.commands import eval as eval_cmd
+
+    cfg = tiny_llama_config(smollm.config.vocab_size)
+    tiny = je.LanguageModel("tiny", cfg, init_params(cfg, 0), smollm.tokenizer)
+    monkeypatch.setattr(eval_cmd, "load_model", lambda args: tiny)
+    monkeypatch.setitem(methods.REGISTRY, "counter", "test_lifelong")
+    monkeypatch.setenv(progress.ENV, "1")  # stderr is captured, not a terminal
+    data = os.path.join(data_dir, "counterfact", "counterfact-edit.json")
+    argv = ["eval", "--method", "counter", "--data", data, "--n", "3", "--no-general", "--json"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "counter independent: the first case took" in err and "for 3 at that pace" in err
+    assert "3/3" in err
+    assert main([*argv, "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "the first case took" not in capsys.readouterr().err
+
+
+def test_mend_training_shows_its_steps(smollm, tmp_path, capsys, monkeypatch, data_dir):
+    """`jaxedit mend-train` shows a bar over its steps (a tiny random Llama with the real
+    tokenizer)."""
+    import os
+
+    from conftest import tiny_llama_config
+
+    cfg = tiny_llama_config(smollm.config.vocab_size)
+    tiny = je.LanguageModel("tiny", cfg, init_params(cfg, 0), smollm.tokenizer)
+    monkeypatch.setattr("jaxedit.cli.commands.mend_train.load_model", lambda args: tiny)
+    hp = tmp_path / "mend.json"
+    hp.write_text(json.dumps({"weights": [["mlp_out", 1]], "rank": 4, "batch": 2, "max_len": 24}))
+    data = os.path.join(data_dir, "counterfact", "counterfact-train.json")
+    monkeypatch.setenv(progress.ENV, "1")
+    argv = ["mend-train", "--hparams", str(hp), "--data", data, "--limit", "12", "--steps", "2",
+            "--val-every", "1", "--val-size", "4", "--json"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "e")]) == 0
+    cap = capsys.readouterr()
+    assert "mend-train" in cap.err and "2/2" in cap.err
+    assert json.loads(cap.out)["steps"] == 2

@@ -5,9 +5,10 @@
     jaxedit data get counterfact --from FILE  # a file downloaded by hand: verify and keep it
     jaxedit data path counterfact             # the cached file (for scripts)
 
-Every data argument of the other commands (`--data`, `--requests`, `--known-facts`) accepts a
-registered name as well as a path, also inside a comma-separated list (`resolve_data_args`,
-called by `jaxedit.cli.main`); an existing path always wins over a name.
+Every data argument of the other commands (`--data`, `--requests`, `--known-facts`, and IKE's
+pool `--set demos=`) accepts a registered name as well as a path, also inside a comma-separated
+list (`resolve_data_args`, called by `jaxedit.cli.main`); an existing path always wins over a
+name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from jaxedit import progress
 from jaxedit.errors import InputError
 from jaxedit.eval.datasets import registry
 
@@ -23,6 +25,8 @@ HELP = "list, download and verify the editing data sets (CounterFact, zsRE, Know
 
 # argparse dest -> the flag as the user wrote it (for messages)
 DATA_ARGS = {"data": "--data", "requests": "--requests", "known_facts": "--known-facts"}
+# hparams fields that name a data file, set with `--set FIELD=...` (IKE's demonstration pool)
+DATA_FIELDS = ("demos",)
 
 
 def resolve_data_args(args: argparse.Namespace) -> None:
@@ -39,6 +43,17 @@ def resolve_data_args(args: argparse.Namespace) -> None:
         else:
             value = registry.resolve(value, flag)
         setattr(args, dest, value)
+    sets = getattr(args, "hparam_overrides", None)
+    if sets:
+        args.hparam_overrides = [_resolve_assignment(a) for a in sets]
+
+
+def _resolve_assignment(assignment: str) -> str:
+    """`demos=counterfact-train` -> `demos=<its cached file>`; other `--set`s unchanged."""
+    key, eq, value = assignment.partition("=")
+    if not eq or key.strip() not in DATA_FIELDS:
+        return assignment
+    return f"{key}={registry.resolve(value.strip(), f'--set {key.strip()}=')}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,7 +115,7 @@ def run(args) -> dict:
         e.name,
         args.dir,
         source_file=args.source_file,
-        progress=not (args.no_progress or args.json),
+        progress=progress.shown(),  # the command line's rule: a terminal, no --no-progress
     )
     return {
         "name": e.name,

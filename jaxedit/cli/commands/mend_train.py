@@ -71,6 +71,10 @@ def run(args) -> dict:
     from jaxedit.methods.mend.instructions import load_instructions
     from jaxedit.methods.mend.train import train
 
+    for flag, value in (("--steps", args.steps), ("--val-every", args.val_every),
+                        ("--val-size", args.val_size), ("--batch", args.batch)):  # fmt: skip
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be positive, got {value}")
     # bad data or instructions fail before the model loads
     check_out_dir(args.out, resume=args.resume, forceable=False)  # before anything loads
     cases = load_data(args.data, args.format, args.limit)
