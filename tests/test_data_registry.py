@@ -292,3 +292,17 @@ def test_every_cli_data_argument_accepts_a_name(cache, data_dir, capsys):
     rc, out, err = _run(capsys, "edit", "--method", "ike", "--set", "demos=zsre", "--model", "x")
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "--set demos=" in err and "jaxedit data get zsre" in err
+
+
+def test_local_or_get_prefers_the_shared_copy_then_downloads(
+    cache, data_dir, tmp_path, monkeypatch
+):
+    """What the notebooks call: the shared file when it is there, else the cached download."""
+    shared = Path(data_dir) / SHARED["known_1000"]
+    assert registry.local_or_get("known_1000", shared) == shared
+    assert not cache.exists()  # nothing downloaded for a file that is there
+    fetch, asked = _copying(data_dir, "known_1000")
+    monkeypatch.setattr(registry, "fetch_url", fetch)
+    got = registry.local_or_get("known_1000", tmp_path / "not-here.json")
+    assert got == registry.local_path(registry.get_entry("known_1000"))
+    assert got.read_bytes() == shared.read_bytes() and len(asked) == 1

@@ -141,6 +141,23 @@ def test_notebook_uses_the_public_api(nb):
                 assert node.attr.startswith("__"), (nb.name, node.attr)
 
 
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_data_is_found_without_the_shared_folder(nb):
+    """A cell that names a file under ../shared/data (there beside a checkout, not in Colab)
+    falls back: to the registered data set by name (`registry.local_or_get`: downloaded and
+    cached), or, for a corpus, to a file jaxedit ships."""
+    from jaxedit.eval.datasets import registry
+
+    for cell in cells(nb):
+        src = "".join(cell["source"])
+        if cell["cell_type"] != "code":
+            continue
+        if "shared/data" in src:
+            assert "registry.local_or_get(" in src or "os.path.exists(" in src, (nb.name, src)
+        for name in re.findall(r"(?:local_or_get|data_file)\(\s*\"([\w-]+)\"", src):
+            assert registry.entry(name) is not None, (nb.name, name)  # a registered name
+
+
 @pytest.mark.slow  # every notebook, minutes to an hour each on a 2-core CPU
 @pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes_from_a_clean_kernel(nb, tmp_path, monkeypatch):

@@ -450,6 +450,17 @@ def get(
     raise InputError(f"cannot download {e.name} from {first}{more}; {manual_route(e)}")
 
 
+def local_or_get(
+    name: str, path: str | os.PathLike | None = None, *, progress: bool = False
+) -> Path:
+    """`path` when that file exists (a checkout with the shared data beside it), else the
+    verified cached copy of `name`, downloaded the first time (`get`; offline: its one-line
+    `InputError`). The notebooks find their data this way, here and in Colab alike."""
+    if path is not None and Path(path).expanduser().is_file():
+        return Path(path).expanduser()
+    return get(name, progress=progress).path
+
+
 def _missing_parents(directory: Path) -> list[Path]:
     """`directory` and its ancestors that do not exist yet, deepest first."""
     out, d = [], directory.absolute()
