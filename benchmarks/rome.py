@@ -2,8 +2,10 @@
 
 Measured in one run, on the same weights, templates, request and statistics corpus:
 - statistics: tokens/s of C = E[k kᵀ] at the preset's layer over wikitext.
-  jaxedit: jitted truncated forward (`n_layers = layer + 1`), packed batches, steady state.
-  baseline: transformers model + forward hook on `mlp.down_proj` input, batch by batch, the
+  jaxedit: jitted truncated forward (`n_layers = layer + 1`), batches of one length bucket
+  each (`stats.pack`), steady state (a first pass compiles every batch shape).
+  baseline: transformers model + forward hook on `mlp.down_proj` input, batch by batch as
+  ROME's `length_collation` forms them (`length_collation` here), the
   forward stopped at the layer by an exception (as ROME's `layer_stats` / `nethook.Trace(stop=
   True)`), k kᵀ summed per batch. Also reported: the same hook with the whole forward run
   (all blocks and logits), as the issue text describes the baseline; not the ratio we count.
@@ -33,7 +35,6 @@ import numpy as np
 import jaxedit as je
 from jaxedit import stats
 from jaxedit.io.checkpoint import load, save_hf
-from jaxedit.io.tokenizer import fine_bucket
 from jaxedit.methods import rome
 from jaxedit.methods.common import target_opt, templates
 from jaxedit.requests import EditRequest
@@ -43,6 +44,26 @@ HERE = Path(__file__).parent
 DATA = HERE.parent.parent / "shared" / "data" / "wikitext" / "wiki.test.raw"
 REQ = EditRequest(prompt="{} is located in the city of", subject="The Eiffel Tower",
                   target_new="Rome")  # fmt: skip
+
+
+def length_collation(docs, batch_tokens: int):
+    """(tokens [B T], mask [B T]) batches as ROME's `layer_stats` forms them (kmeng01/rome
+    `tok_dataset.length_collation`): documents sorted longest first, a batch grows while
+    (its first document's length) x (rows + 1) <= batch_tokens, padded to that exact length
+    (eager PyTorch has no shapes to bucket)."""
+    order = sorted(docs, key=len, reverse=True)
+    i = 0
+    while i < len(order):
+        T = len(order[i])
+        B = max(1, batch_tokens // T)
+        rows = order[i : i + B]
+        i += len(rows)
+        tokens = np.zeros((len(rows), T), np.int64)
+        mask = np.zeros((len(rows), T), bool)
+        for r, d in enumerate(rows):
+            tokens[r, : len(d)] = d
+            mask[r, : len(d)] = True
+        yield tokens, mask
 
 
 def torch_stats(
@@ -68,9 +89,8 @@ def torch_stats(
     h = model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(hook)
     t0 = time.perf_counter()
     with torch.no_grad():
-        for tokens, mask in stats.pack(docs, 0, batch_tokens):
-            T = int(mask.sum(1).max())  # the original collates to the batch's longest document
-            ids, m = torch.from_numpy(tokens[:, :T]).long(), torch.from_numpy(mask[:, :T]).long()
+        for tokens, mask in length_collation(docs, batch_tokens):
+            ids, m = torch.from_numpy(tokens).long(), torch.from_numpy(mask).long()
             try:
                 model(input_ids=ids, attention_mask=m)
             except Stop:
@@ -181,9 +201,7 @@ def main():
 
     c = stats.load_corpus(lm, str(DATA), n_tokens=a.tokens, max_len=256)
     n_tok = sum(map(len, c.docs))
-    second_moment(lm, hp.layer, c.docs[:8])  # compile the buckets once ...
-    for T in sorted({fine_bucket(len(d)) for d in c.docs}):
-        second_moment(lm, hp.layer, [[1] * T])
+    second_moment(lm, hp.layer, c.docs)  # compile every batch shape once ...
     t0 = time.perf_counter()
     C, _ = second_moment(lm, hp.layer, c.docs)  # ... then the steady state
     jax_stats_s = time.perf_counter() - t0

@@ -256,7 +256,8 @@ def p_stats(lm, peak, bw, layer, docs, torch_model):
         torch_cpu = time.process_time() - c0
         extra["pytorch_reference"] = {
             "name": "benchmarks/rome.py torch_stats: transformers + pre-hook on down_proj, "
-            "forward stopped at the layer (kmeng01/rome layer_stats), same documents",
+            "forward stopped at the layer, batches by ROME's length_collation (kmeng01/rome "
+            "layer_stats), same documents",
             "cpu_s": torch_cpu,
             "wall_s": wall,
             "tokens_per_s": real / torch_cpu,

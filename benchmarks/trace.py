@@ -110,11 +110,12 @@ def _exact_cached(lm, fact, path, kw) -> dict:
     return out
 
 
-def compare_atp(lm, facts, n, cache_dir, kw, log=print) -> dict:
+def compare_atp(lm, facts, n, cache_dir, kw, log=print, atp_kw=None, cached_only=False) -> dict:
     """Exact grid vs AtP on the first `n` facts the model predicts correctly: Spearman rank
     correlation over the cells from the first subject token on (rows before it are low_score
     in both, ties that say nothing), argmax layer at the last subject token, run seconds
-    (compile excluded, `CompileClock`)."""
+    (compile excluded, `CompileClock`). `atp_kw`: extra `atp_trace` options (e.g. ig_steps);
+    `cached_only`: use only the facts whose exact grid is already cached (no new grids)."""
     from scipy.stats import spearmanr
 
     from jaxedit.locate import atp
@@ -124,15 +125,18 @@ def compare_atp(lm, facts, n, cache_dir, kw, log=print) -> dict:
     for i, fact in enumerate(facts):
         if len(rows) >= n:
             break
+        path = os.path.join(cache_dir, f"exact-{i:04d}.json")
+        if cached_only and not os.path.exists(path):
+            continue
         checked += 1
         ex = _exact_cached(lm, fact, os.path.join(cache_dir, f"exact-{i:04d}.json"), kw)
         if "skipped" in ex:
             continue
         log(f"fact {i}: exact grid ready ({ex['timing']['run_s']:.0f} s run)")
         with compile_cache.CompileClock() as first:
-            est = atp.atp_trace(lm, fact["prompt"], fact["subject"], **kw)
+            est = atp.atp_trace(lm, fact["prompt"], fact["subject"], **kw, **(atp_kw or {}))
         with compile_cache.CompileClock() as clock:  # compiled now: the run alone
-            est = atp.atp_trace(lm, fact["prompt"], fact["subject"], **kw)
+            est = atp.atp_trace(lm, fact["prompt"], fact["subject"], **kw, **(atp_kw or {}))
         b, e = ex["subject_range"]
         t = ex["timing"]
         row = {
@@ -183,6 +187,7 @@ def compare_atp(lm, facts, n, cache_dir, kw, log=print) -> dict:
         "n_facts": len(rows),
         "facts_checked": checked,
         "settings": {k: v for k, v in kw.items() if k != "kinds"},
+        "atp_options": dict(atp_kw or {}),
         "cells": "rows from the first subject token on, every layer",
         "per_kind": {
             kind: {
@@ -252,6 +257,17 @@ def main():
     p.add_argument("--atp-data", default="/work/shared/data/counterfact/known_1000.json")
     p.add_argument("--atp-cache", default="runs/trace_atp")
     p.add_argument("--atp-log", help="append the per-fact lines to this file too")
+    p.add_argument("--atp-ig-steps", type=int, default=1, help="AtP's ig_steps (1: plain AtP)")
+    p.add_argument(
+        "--atp-key",
+        default="atp_vs_exact",
+        help="the key of trace.json the comparison is written under",
+    )
+    p.add_argument(
+        "--atp-cached-only",
+        action="store_true",
+        help="compare on the facts whose exact grid is already in --atp-cache only",
+    )
     args = p.parse_args()
     compile_cache.enable()
 
@@ -266,7 +282,11 @@ def main():
             if log_file:
                 log_file.write(line + "\n")
 
-        result = compare_atp(lm, facts, args.atp_facts, args.atp_cache, kw, log=log)
+        atp_kw = {"ig_steps": args.atp_ig_steps}
+        result = compare_atp(
+            lm, facts, args.atp_facts, args.atp_cache, kw, log=log, atp_kw=atp_kw,
+            cached_only=args.atp_cached_only,
+        )  # fmt: skip
         result.update(
             model=lm.name,
             data=os.path.basename(args.atp_data),
@@ -274,7 +294,7 @@ def main():
             load_avg_1min_at_end=os.getloadavg()[0],
         )
         os.makedirs(args.out, exist_ok=True)
-        _merge_json(os.path.join(args.out, "trace.json"), "atp_vs_exact", result)
+        _merge_json(os.path.join(args.out, "trace.json"), args.atp_key, result)
         print(json.dumps({k: v for k, v in result.items() if k != "facts"}, indent=1))
         return
 
@@ -389,8 +409,9 @@ def main():
     if os.path.exists(path):  # keep the AtP comparison (a separate, longer run)
         with open(path) as f:
             previous = json.load(f)
-        if "atp_vs_exact" in previous:
-            result["atp_vs_exact"] = previous["atp_vs_exact"]
+        for key, value in previous.items():
+            if key.startswith("atp_vs_exact"):
+                result[key] = value
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
     os.replace(path + ".tmp", path)
