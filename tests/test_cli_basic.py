@@ -27,7 +27,9 @@ PROMPT = "The Eiffel Tower is located in the city of"
 def cli(smollm, monkeypatch, capsys):
     """Run `jaxedit ARGS...` in-process -> (exit code, stdout, stderr)."""
     real_load = common.load
-    fake = lambda name, dtype: smollm if name == DEFAULT_MODEL else real_load(name, dtype)
+    fake = lambda name, dtype, **kw: (
+        smollm if name == DEFAULT_MODEL and not kw.get("mesh") else real_load(name, dtype, **kw)
+    )
     monkeypatch.setattr(common, "load", fake)
     common._load.cache_clear()
 
