@@ -70,6 +70,20 @@ def duration(seconds: float | int) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def terminal_columns(stream) -> int | None:
+    """The width of the terminal `stream` writes to (None: not a terminal)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def fixed_width(stream) -> int | None:
+    """80 columns for a terminal that reports a width of 0 (a bare pseudo-terminal, as `script`
+    or some CI runners open: tqdm would draw nothing there), else None (follow the terminal)."""
+    return 80 if terminal_columns(stream) == 0 else None
+
+
 class Bar:
     """A tqdm bar on stderr (nothing at all when disabled) that can print, once the first item
     is done, how long all of them should take at that pace (`estimate`)."""
@@ -89,6 +103,7 @@ class Bar:
         self.desc, self.unit, self.estimate = desc, unit, estimate and self.enabled
         self.t0 = time.perf_counter()
         self.done = self.skipped = 0
+        width = fixed_width(sys.stderr) if self.enabled else None
         self.bar = tqdm(
             total=total,
             desc=desc,
@@ -97,7 +112,8 @@ class Bar:
             disable=not self.enabled,
             leave=leave,
             initial=initial,
-            dynamic_ncols=True,
+            ncols=width,
+            dynamic_ncols=width is None,
         )
 
     @property

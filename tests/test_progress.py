@@ -209,3 +209,16 @@ def test_mend_training_shows_its_steps(smollm, tmp_path, capsys, monkeypatch, da
     cap = capsys.readouterr()
     assert "mend-train" in cap.err and "2/2" in cap.err
     assert json.loads(cap.out)["steps"] == 2
+
+
+def test_a_terminal_of_width_zero_still_gets_a_bar(capsys, monkeypatch):
+    """A pseudo-terminal that reports 0 columns (`script`, some CI runners): tqdm draws nothing
+    at width 0, so the bar takes 80 columns there."""
+    monkeypatch.setattr(progress, "terminal_columns", lambda stream: 0)
+    with progress.scope(True), progress.bar(3, "zero-width", "it") as b:
+        assert b.bar.ncols == 80
+        b.update(3)
+    assert "zero-width: 100%|" in capsys.readouterr().err
+    monkeypatch.setattr(progress, "terminal_columns", lambda stream: 120)
+    with progress.scope(True), progress.bar(3, "sized", "it") as b:
+        assert b.bar.dynamic_ncols  # follows the terminal's width
