@@ -79,7 +79,7 @@ def terminal_columns(stream) -> int | None:
 
 
 def fixed_width(stream) -> int | None:
-    """80 columns for a terminal that reports a width of 0 (a bare pseudo-terminal, as `script`
+    """80 columns for a terminal that reports a size of 0 (a bare pseudo-terminal, as `script`
     or some CI runners open: tqdm would draw nothing there), else None (follow the terminal)."""
     return 80 if terminal_columns(stream) == 0 else None
 
@@ -113,6 +113,7 @@ class Bar:
             leave=leave,
             initial=initial,
             ncols=width,
+            nrows=None if width is None else 20,  # tqdm reads 0 rows as -1 and draws nothing
             dynamic_ncols=width is None,
         )
 

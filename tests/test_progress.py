@@ -216,7 +216,7 @@ def test_a_terminal_of_width_zero_still_gets_a_bar(capsys, monkeypatch):
     at width 0, so the bar takes 80 columns there."""
     monkeypatch.setattr(progress, "terminal_columns", lambda stream: 0)
     with progress.scope(True), progress.bar(3, "zero-width", "it") as b:
-        assert b.bar.ncols == 80
+        assert b.bar.ncols == 80 and b.bar.nrows == 20
         b.update(3)
     assert "zero-width: 100%|" in capsys.readouterr().err
     monkeypatch.setattr(progress, "terminal_columns", lambda stream: 120)
