@@ -34,6 +34,7 @@ import numpy as np
 import jaxedit as je
 from jaxedit import hparams
 from jaxedit.eval.measure import case_metrics, measure
+from jaxedit.io.atomic import write_text_atomic
 from jaxedit.locate import facts
 from jaxedit.locate import trace as tr
 from jaxedit.methods import rome
@@ -167,9 +168,7 @@ def main() -> None:
     result["seconds"] = round(time.time() - t0, 1)
     result["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, args.out)
+    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 

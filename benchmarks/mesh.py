@@ -36,6 +36,7 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxedit.io.atomic import write_text_atomic  # noqa: E402
 from jaxedit.io.checkpoint import load  # noqa: E402
 from jaxedit.models import sharding  # noqa: E402
 from jaxedit.models.transformer import forward_jit  # noqa: E402
@@ -148,9 +149,7 @@ def main() -> None:
         "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
