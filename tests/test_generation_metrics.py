@@ -176,6 +176,7 @@ PROMPTS = [
 ]
 
 
+@pytest.mark.slow  # test_greedy_ids_in_several_chunks checks the same ids by default
 def test_greedy_ids_equal_one_prompt_generation(tiny):
     n_new = [3, 5, 9, 1, 4]
     ids = generation.greedy_ids(tiny, PROMPTS, n_new)

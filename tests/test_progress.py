@@ -189,6 +189,7 @@ def test_eval_cases_show_a_bar_and_an_estimate(smollm, data_dir, tmp_path, capsy
     assert "the first case took" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_mend_training_shows_its_steps(smollm, tmp_path, capsys, monkeypatch, data_dir):
     """`jaxedit mend-train` shows a bar over its steps (a tiny random Llama with the real
     tokenizer)."""

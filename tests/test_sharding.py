@@ -234,6 +234,7 @@ def test_tiny_models_on_three_meshes_equal_one_device():
             assert r["logits_batch_split"] and r["apply_keeps_sharding"], (name, spec)
 
 
+@pytest.mark.slow  # ~30 s; the slow full matrix runs ROME on every mesh
 def test_rome_on_a_three_axis_mesh_equals_one_device():
     """ROME's deltas (two requests, the second on the sharded model edited by the first) on
     data=2,fsdp=2,tensor=2 equal one device's, and the edit keeps every param's sharding (the

@@ -60,7 +60,7 @@ def test_the_requests_differ_in_every_padded_shape(smollm):
     assert len({int(b.lookup[0]) for b in bs}) == 3
 
 
-@pytest.mark.parametrize("mpes", [False, True])
+@pytest.mark.parametrize("mpes", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_batched_equals_one_at_a_time(smollm, one_at_a_time, mpes, capsys):
     """Three requests in four lanes (one a padding copy): each request's δ, step count and loss
     are its own run's, whatever it was padded to, and in the order given."""
