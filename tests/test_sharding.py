@@ -184,12 +184,17 @@ def test_statistics_take_a_mesh_or_devices_not_both(smollm):
 # ----------------------------------------------------------------------------- 8 devices
 
 
-def run_check(*args: str, timeout: int = 3000) -> dict:
-    env = {
+def eight_cpu_devices_env() -> dict:
+    """The environment of a subprocess that sees 8 simulated CPU devices."""
+    return {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
         "JAX_PLATFORMS": "cpu",
     }
+
+
+def run_check(*args: str, timeout: int = 3000) -> dict:
+    env = eight_cpu_devices_env()
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "sharding_check.py"), *args],
         env=env,
@@ -258,11 +263,7 @@ def test_every_pipeline_on_three_meshes_equals_one_device():
 
 
 def cli(*args: str, timeout: int = 3000) -> dict:
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
+    env = eight_cpu_devices_env()
     out = subprocess.run(
         [sys.executable, "-m", "jaxedit", *args, "--json"],
         env=env,
