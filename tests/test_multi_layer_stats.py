@@ -112,19 +112,19 @@ def test_one_file_per_layer_shared_with_layer_stats(lm, corpus, tmp_path, passes
 
 
 def test_the_pass_stops_at_the_highest_layer(lm, monkeypatch):
-    """The kernel's forward runs blocks 0..max(layers) only."""
+    """The kernel's forward runs blocks 0..max(layers) only, the last up to its key."""
     calls = []
     forward = sm.forward
 
     def spy(*args, **kw):
-        calls.append(kw.get("n_layers"))
+        calls.append((kw.get("n_layers"), kw.get("stop_at")))
         return forward(*args, **kw)
 
     monkeypatch.setattr(sm, "forward", spy)
     tokens = jnp.full((2, 8), 5, jnp.int32)
     mask = jnp.ones((2, 8), bool)
     kk, n = sm._moment_sums.__wrapped__(lm.config, (1, 0), lm.params, tokens, mask)
-    assert calls == [2] and kk.shape == (2, 48, 48) and int(n) == 16
+    assert calls == [(2, "mlp_key")] and kk.shape == (2, 48, 48) and int(n) == 16
 
 
 def test_corrupted_layer_file_is_rebuilt_with_a_warning(lm, corpus, tmp_path, capsys, passes):

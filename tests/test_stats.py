@@ -101,8 +101,121 @@ def test_streaming_equals_one_shot_smollm(smollm, data_dir):
     streamed, n = second_moment(smollm, 2, c.docs, batch_tokens=96)
     assert n == 300
     ref = one_shot(smollm, 2, c.docs)
-    # padded batches vs unpadded single rows: fp32 rounding only, relative to C's scale
-    assert np.max(np.abs(streamed - ref)) / np.max(np.abs(ref)) < 1e-4
+    # packed rows vs unpadded single rows: fp32 rounding only (4e-7), relative to C's scale
+    assert np.max(np.abs(streamed - ref)) / np.max(np.abs(ref)) < 1e-5
+
+
+@pytest.mark.slow  # +5 s of compiles; the default suite checks packed rows vs one_shot above
+def test_packed_rows_equal_bucketed_statistics_smollm(smollm, data_dir):
+    corpus = os.path.join(data_dir, "wikitext", "wiki.test.raw")
+    c = stats.load_corpus(smollm, corpus, n_tokens=300, max_len=48)
+    new, _ = second_moment(smollm, 2, c.docs, batch_tokens=96)
+    old = bucketed_reference(smollm, 2, c.docs, 1 << 16)  # a batch per bucket: few compiles
+    assert np.max(np.abs(new - old)) / np.max(np.abs(old)) < 1e-5
+
+
+def bucketed_reference(lm: LanguageModel, layer: int, docs, batch_tokens: int) -> np.ndarray:
+    """C the way it was computed before packed rows: `stats.pack` batches (one document per
+    row, right padding), the forward run whole up to `layer` (no `stop_at`), float64 sums."""
+    acc, count = 0.0, 0
+    for tokens, mask in stats.pack(docs, -1, batch_tokens):
+        out = forward_jit(lm.config, lm.params, jnp.asarray(tokens), jnp.asarray(mask),
+                          capture=("mlp_key",), n_layers=layer + 1)  # fmt: skip
+        keys = np.asarray(out.captured["mlp_key"][layer], np.float64)[mask]
+        acc, count = acc + keys.T @ keys, count + len(keys)
+    return acc / count
+
+
+def tiny_gpt2(seed: int = 0) -> LanguageModel:
+    """GPT-2 style (learned positions, LayerNorm, GELU, biases): positions enter the
+    embeddings, not the attention, so restarting them per document is tested separately."""
+    cfg = tiny_llama_config(64).replace(
+        model_type="gpt2", family="gpt2", n_kv_heads=4, norm="layernorm",
+        activation="gelu_new", gated_mlp=False, positional="learned", qkv_bias=True,
+        attn_out_bias=True, mlp_bias=True,
+    )  # fmt: skip
+    return LanguageModel("tiny-gpt2", cfg, init_params(cfg, seed), tiny_lm().tokenizer)
+
+
+def test_stop_at_key_gives_the_keys_of_the_whole_forward():
+    """`forward(stop_at="mlp_key")` skips the last block's down projection and residual and
+    returns bit for bit the keys (and earlier sites) of the forward that runs them."""
+    lm = tiny_lm()
+    cfg = lm.config
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(3, 64, (2, 9)), jnp.int32)
+    mask = jnp.asarray(np.arange(9)[None] < np.array([[9], [6]]))
+    sites = ("attn_out", "mlp_in", "mlp_key")
+    for n in (1, cfg.n_layers):
+        full = forward_jit(cfg, lm.params, tokens, mask, capture=sites, n_layers=n)
+        cut = forward_jit(cfg, lm.params, tokens, mask, capture=sites, n_layers=n,
+                          stop_at="mlp_key")  # fmt: skip
+        assert cut.logits is None
+        for s in sites:
+            assert cut.captured[s].shape == full.captured[s].shape
+            assert full.captured[s].shape[:3] == (n, 2, 9)
+            np.testing.assert_array_equal(cut.captured[s], full.captured[s])
+    with pytest.raises(ValueError, match="after stop_at"):
+        forward_jit(cfg, lm.params, tokens, mask, capture=("mlp_out",), stop_at="mlp_key")
+    with pytest.raises(ValueError, match="block site"):
+        forward_jit(cfg, lm.params, tokens, mask, stop_at="logits")
+
+
+@pytest.mark.parametrize("make", [tiny_lm, tiny_gpt2], ids=["rotary", "learned"])
+def test_packed_rows_give_each_document_its_keys_alone(make):
+    """Several documents in one row with `segments`: each document's keys at every layer are
+    those it has run alone (attention within the document, positions restarting at it)."""
+    lm = make()
+    docs = random_docs(24, seed=2)
+    checked = 0
+    for tokens, mask, segments in stats.pack_segments(docs, 0, 128):
+        out = forward_jit(lm.config, lm.params, jnp.asarray(tokens), jnp.asarray(mask),
+                          capture=("mlp_key",), segments=jnp.asarray(segments),
+                          stop_at="mlp_key")  # fmt: skip
+        keys = np.asarray(out.captured["mlp_key"])
+        for r in range(tokens.shape[0]):
+            for j in range(1, segments[r].max() + 1):
+                (at,) = np.nonzero(segments[r] == j)
+                alone = forward_jit(lm.config, lm.params, jnp.asarray(tokens[r, at][None]),
+                                    capture=("mlp_key",)).captured["mlp_key"][:, 0]  # fmt: skip
+                got = keys[:, r, at]
+                assert np.max(np.abs(got - alone)) <= 1e-5 * np.max(np.abs(alone))
+                checked += 1
+    assert checked == len(docs)
+
+
+def test_packed_rows_equal_bucketed_statistics_tiny():
+    lm = tiny_lm()
+    rng = np.random.default_rng(3)  # three lengths: three buckets for the reference to compile
+    docs = [rng.integers(3, 64, rng.choice([5, 11, 29])).tolist() for _ in range(40)]
+    new, n = second_moment(lm, 1, docs, batch_tokens=1 << 16)  # one batch of packed rows
+    old = bucketed_reference(lm, 1, docs, 1 << 16)  # a batch per bucket: few compiles
+    assert n == sum(map(len, docs))
+    assert np.max(np.abs(new - old)) / np.max(np.abs(old)) < 1e-5
+
+
+@pytest.mark.parametrize("multiple", [1, 2, 8])
+def test_pack_segments_covers_every_document_once(multiple):
+    """Every document in exactly one contiguous run of one row, numbered 1, 2, ... from the
+    row's start, padding only at the row's end; few shapes; on WikiText's long tail at most
+    one row of positions more than the tokens (`pack`: 4,750 for 4,096)."""
+    docs = [[1000 * i + j for j in range(n)] for i, n in enumerate(WIKI_LENGTHS)]
+    seen, slots, shapes = [], 0, set()
+    for tokens, mask, segments in stats.pack_segments(docs, -1, 1024, multiple):
+        B, T = tokens.shape
+        assert B % multiple == 0 and T <= 256 and (B * T <= 1024 or B == multiple)
+        for row, m, seg in zip(tokens, mask, segments, strict=True):
+            n = int(m.sum())
+            assert m[:n].all() and not m[n:].any() and (row[n:] == -1).all()
+            assert (seg[n:] == 0).all() and (np.diff(seg[:n]) >= 0).all()
+            assert (np.diff(seg[:n]) <= 1).all() and (n == 0 or seg[0] == 1)
+            for j in range(1, int(seg.max()) + 1):
+                seen.append(row[seg == j].tolist())
+        slots += B * T
+        shapes.add((B, T))
+    assert sorted(seen) == sorted(docs)
+    assert slots <= sum(WIKI_LENGTHS) + 256 * multiple  # the last batch's rounded rows
+    assert len(shapes) <= 3
 
 
 def test_eight_simulated_devices_equal_one():

@@ -34,6 +34,7 @@ from jaxedit.stats.second_moment import (
     layer_stats,
     layers_stats,
     pack,
+    pack_segments,
 )
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "load_stats",
     "model_fingerprint",
     "pack",
+    "pack_segments",
     "sample_tokens",
     "save_stats",
     "start_token",
