@@ -2,8 +2,9 @@
 
 Measured in one run, on the same weights, templates, request and statistics corpus:
 - statistics: tokens/s of C = E[k kᵀ] at the preset's layer over wikitext.
-  jaxedit: jitted truncated forward (`n_layers = layer + 1`), batches of one length bucket
-  each (`stats.pack`), steady state (a first pass compiles every batch shape).
+  jaxedit: jitted truncated forward (`n_layers = layer + 1`, the last block stopped at its
+  key), several documents per row (`stats.pack_segments`: attention within each document,
+  positions restarting at each), steady state (a first pass compiles every batch shape).
   baseline: transformers model + forward hook on `mlp.down_proj` input, batch by batch as
   ROME's `length_collation` forms them (`length_collation` here), the
   forward stopped at the layer by an exception (as ROME's `layer_stats` / `nethook.Trace(stop=

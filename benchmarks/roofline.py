@@ -20,7 +20,8 @@ Pipelines:
     forward       forward_jit, B=8 x T=64, logits at every position (benchmarks/forward.py)
     trace         the exact causal-tracing grid (jaxedit.locate.trace), 10 samples, 3 kinds,
                   on the rows of one token (the per-cell kernel of every row; --trace-rows)
-    stats         second moment of MLP keys at ROME's layer over wikitext (4,096 tokens)
+    stats         second moment of MLP keys at ROME's layer over wikitext (4,096 tokens;
+                  documents packed into rows, the forward stopped at the layer's key)
     rome_step     one v* step (forward from ROME's layer + backward to δ, 21 template rows)
     mend_edit     one MEND edit returning a new model; also as a multiple of its own forward
                   + backward (the edit's gradient factors: its lower bound)
@@ -137,12 +138,13 @@ def bandwidth(n_bytes: int = 256 << 20) -> dict:
 # ----------------------------------------------------------------------------- FLOP models
 
 
-def block_flops(cfg, n_q: int, n_kv: int) -> float:
-    """One block for n_q query tokens attending to n_kv keys (one row)."""
+def block_flops(cfg, n_q: int, n_kv: int, to_key: bool = False) -> float:
+    """One block for n_q query tokens attending to n_kv keys (one row); `to_key`: stopped at
+    `mlp_key` (no down projection)."""
     D, H, G, K, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
     proj = 2 * n_q * D * (H * K + 2 * G * K) + 2 * n_q * H * K * D
     attn = 4 * n_q * n_kv * H * K  # scores and the weighted sum
-    mlp = 2 * n_q * D * F * (3 if cfg.gated_mlp else 2)
+    mlp = 2 * n_q * D * F * ((2 if cfg.gated_mlp else 1) + (0 if to_key else 1))
     return float(proj + attn + mlp)
 
 
@@ -235,19 +237,30 @@ def _docs(lm, n_tokens):
 
 
 def p_stats(lm, peak, bw, layer, docs, torch_model):
-    from jaxedit.stats.second_moment import pack, second_moment
+    from jaxedit.stats.second_moment import pack_segments, second_moment
 
     cfg, F = lm.config, lm.config.d_ff
     t = timed(lambda: second_moment(lm, layer, docs)[0], 3.0, 3)
     flops = nbytes = 0.0
     n_tok = 0
-    for tokens, _ in pack(docs, 0, 4096):
+    shapes = []
+    # as second_moment runs it: packed rows (attention over the whole row, the block-diagonal
+    # mask applied to it), blocks 0..layer-1 whole, block `layer` up to its key, Σ k kᵀ
+    for tokens, _, _ in pack_segments(docs, 0, 4096):
         B, T = tokens.shape
-        flops += B * (layer + 1) * block_flops(cfg, T, T) + 2.0 * B * T * F * F
-        nbytes += (layer + 1) * layer_bytes(cfg) + 4 * F * F
+        blocks = layer * block_flops(cfg, T, T) + block_flops(cfg, T, T, to_key=True)
+        flops += B * blocks + 2.0 * B * T * F * F
+        nbytes += (layer + 1) * layer_bytes(cfg) - 4 * cfg.d_model * F + 4 * F * F
         n_tok += B * T
+        shapes.append([B, T])
     real = sum(map(len, docs))
-    extra = {"layer": layer, "tokens": real, "tokens_per_s": real / t["cpu_s"]}
+    extra = {
+        "layer": layer,
+        "tokens": real,
+        "positions_computed": n_tok,
+        "batch_shapes": shapes,
+        "tokens_per_s": real / t["cpu_s"],
+    }
     if torch_model is not None:
         rome_bench = _load_module(HERE / "rome.py", "rome_bench")
         rome_bench.torch_stats(torch_model, layer, docs, 4096)  # warm up
