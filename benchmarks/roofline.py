@@ -28,7 +28,10 @@ Pipelines:
     eval_scoring  teacher-forced scoring of the queries of 40 CounterFact cases
 
 With PyTorch installed, the statistics are also run by benchmarks/rome.py's reference
-(`layer_stats`-style hook, forward stopped at the layer) on the same documents: the ratio.
+(`layer_stats`-style hook, forward stopped at the layer) on the same documents: the ratio of
+the medians of `--stats-rounds` rounds, one call of each side per round (a load that changes
+during the run hits both). `--only stats --out benchmarks/results/roofline_stats.json` runs
+the statistics alone (peaks included) without touching roofline.json.
 
     taskset -c 0 uv run python benchmarks/roofline.py  # -> benchmarks/results/roofline.json
 """
@@ -236,11 +239,17 @@ def _docs(lm, n_tokens):
                              max_len=256).docs  # fmt: skip
 
 
-def p_stats(lm, peak, bw, layer, docs, torch_model):
+def p_stats(lm, peak, bw, layer, docs, torch_model, rounds=3):
     from jaxedit.stats.second_moment import pack_segments, second_moment
 
     cfg, F = lm.config, lm.config.d_ff
-    t = timed(lambda: second_moment(lm, layer, docs)[0], 3.0, 3)
+    run = lambda: second_moment(lm, layer, docs)[0]  # noqa: E731
+    if torch_model is None:
+        t = timed(run, 3.0, 3)
+    else:  # both sides in turns, so that a change in the machine's load hits both alike
+        rome_bench = _load_module(HERE / "rome.py", "rome_bench")
+        torch_run = lambda: rome_bench.torch_stats(torch_model, layer, docs, 4096)  # noqa: E731
+        t, t_torch = _interleaved(run, torch_run, rounds)
     flops = nbytes = 0.0
     n_tok = 0
     shapes = []
@@ -262,21 +271,43 @@ def p_stats(lm, peak, bw, layer, docs, torch_model):
         "tokens_per_s": real / t["cpu_s"],
     }
     if torch_model is not None:
-        rome_bench = _load_module(HERE / "rome.py", "rome_bench")
-        rome_bench.torch_stats(torch_model, layer, docs, 4096)  # warm up
-        c0 = time.process_time()
-        _, _, wall = rome_bench.torch_stats(torch_model, layer, docs, 4096)
-        torch_cpu = time.process_time() - c0
+        extra["jaxedit_cpu_s_per_round"] = t["rounds"]
         extra["pytorch_reference"] = {
             "name": "benchmarks/rome.py torch_stats: transformers + pre-hook on down_proj, "
             "forward stopped at the layer, batches by ROME's length_collation (kmeng01/rome "
             "layer_stats), same documents",
-            "cpu_s": torch_cpu,
-            "wall_s": wall,
-            "tokens_per_s": real / torch_cpu,
-            "jaxedit_over_pytorch": torch_cpu / t["cpu_s"],
+            "cpu_s": t_torch["cpu_s"],
+            "wall_s": t_torch["wall_s"],
+            "cpu_s_per_round": t_torch["rounds"],
+            "tokens_per_s": real / t_torch["cpu_s"],
+            "jaxedit_over_pytorch": t_torch["cpu_s"] / t["cpu_s"],
+            "timing": f"median of {rounds} rounds, each one call of each side in turn, after "
+            "a warm-up call of each",
         }
     return roofline("stats", flops, nbytes, t, peak, bw, **extra)
+
+
+def _interleaved(a, b, rounds: int) -> tuple[dict, dict]:
+    """CPU and wall seconds of `a` and of `b` (each called once first), the median over
+    `rounds` rounds of one call of each."""
+    jax.block_until_ready(a())
+    b()
+    times = {"a": [], "b": []}
+    for _ in range(rounds):
+        for name, fn in (("a", a), ("b", b)):
+            c0, w0 = time.process_time(), time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append((time.process_time() - c0, time.perf_counter() - w0))
+
+    def summary(ts):
+        return {
+            "cpu_s": float(np.median([c for c, _ in ts])),
+            "wall_s": float(np.median([w for _, w in ts])),
+            "calls": len(ts),
+            "rounds": [round(c, 3) for c, _ in ts],
+        }
+
+    return summary(times["a"]), summary(times["b"])
 
 
 def p_rome_step(lm, peak, bw, layer, steps=5):
@@ -430,6 +461,12 @@ def main() -> None:
     ap.add_argument("--only", help="comma list of pipelines to run (default: all)")
     ap.add_argument("--trace-rows", help="token rows of the trace (default: last subject token)")
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch statistics")
+    ap.add_argument(
+        "--stats-rounds",
+        type=int,
+        default=3,
+        help="rounds of the statistics, jaxedit and PyTorch in turn (median)",
+    )
     args = ap.parse_args()
     compile_cache.enable()
     import jaxedit as je
@@ -461,7 +498,7 @@ def main() -> None:
     runs = {
         "forward": lambda: p_forward(lm, peak, bw),
         "trace": lambda: p_trace(lm, peak, bw, rows),
-        "stats": lambda: p_stats(lm, peak, bw, rome_layer, docs, torch_model),
+        "stats": lambda: p_stats(lm, peak, bw, rome_layer, docs, torch_model, args.stats_rounds),
         "rome_step": lambda: p_rome_step(lm, peak, bw, rome_layer),
         "mend_edit": lambda: p_mend_edit(lm, peak, bw),
         "eval_scoring": lambda: p_eval_scoring(lm, peak, bw),
