@@ -294,7 +294,9 @@ def _logits(cfg: ModelConfig, mesh: Mesh, params, tokens, mask):
 def _moment_sums(cfg: ModelConfig, layer: int, mesh: Mesh, params, tokens, mask):
     """Σ k kᵀ of one batch at `mlp_key` of `layer` (as `jaxedit.stats.second_moment`), with
     the [F F] result split over `tensor` along its rows."""
-    out = forward(cfg, params, tokens, mask, capture=("mlp_key",), n_layers=layer + 1)
+    out = forward(
+        cfg, params, tokens, mask, capture=("mlp_key",), n_layers=layer + 1, stop_at="mlp_key"
+    )
     keys = jnp.where(mask[:, :, None], out.captured["mlp_key"][layer].astype(jnp.float32), 0.0)
     kk = jnp.einsum("btf,btg->fg", keys, keys, precision=jax.lax.Precision.HIGHEST)
     spec = sharding.spec_for(("mlp", "mlp"), mesh, sharding.logical_counts(cfg))
