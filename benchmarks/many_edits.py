@@ -48,14 +48,13 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
+from machine import machine  # benchmarks/machine.py, beside this script
 
 import jaxedit as je
 from jaxedit import hparams as hparams_lib
@@ -76,33 +75,6 @@ SMOKE_BELOW = 100  # fewer edits than this is a smoke test, never the committed 
 
 def log(msg: str) -> None:
     print(f"[many_edits {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_info() -> dict:
-    """The CPU as /proc/cpuinfo describes it: XLA's CPU code differs with AVX2 vs AVX-512."""
-    model, flags = None, set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and model is None:
-                model = value.strip()
-            elif key == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {
-        "model_name": model,
-        "avx2": "avx2" in flags,
-        "avx512f": "avx512f" in flags,
-        "cpu_count": os.cpu_count(),
-        "sched_getaffinity": sorted(os.sched_getaffinity(0)),
-        "platform": platform.platform(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "xla_flags": os.environ.get("XLA_FLAGS"),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def method_overrides(assignments: list[str]) -> dict[str, dict]:
@@ -299,7 +271,7 @@ def main() -> None:
         "data": str(a.data),
         "n": a.n,
         "status": "started",
-        "machine": cpu_info(),
+        "machine": machine(),
         "settings": {
             "round_size": round_size,
             "z_n": a.z_n,

@@ -28,13 +28,13 @@ os.environ["XLA_FLAGS"] = " ".join([*_flags, "--xla_force_host_platform_device_c
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from machine import machine  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 from jaxedit.io.atomic import write_text_atomic  # noqa: E402
 from jaxedit.io.checkpoint import load  # noqa: E402
@@ -46,31 +46,6 @@ from jaxedit.stats.second_moment import second_moments  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "mesh.json"
 WIKITEXT = Path(__file__).parent.parent / "jaxedit" / "data" / "wikitext2_test_slice.txt"
 LAYER = 4  # ROME's layer for SmolLM2-135M (hparams/rome/smollm2-135m.json)
-
-
-def machine() -> dict:
-    flags, model = set(), ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
-    return {
-        "cpu": model or platform.processor(),
-        "flags": {f: f in flags for f in wanted},
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": sorted(os.sched_getaffinity(0)),
-        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "platform": platform.platform(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": jax.device_count(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    }
 
 
 def timed(fn, repeats: int) -> dict:

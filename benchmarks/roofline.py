@@ -42,13 +42,13 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from machine import machine  # benchmarks/machine.py, beside this script
 
 from jaxedit import compile_cache
 
@@ -72,31 +72,6 @@ def timed(fn, min_cpu_s: float = 2.0, max_calls: int = 50) -> dict:
         "cpu_s": (time.process_time() - cpu0) / calls,
         "wall_s": (time.perf_counter() - wall0) / calls,
         "calls": calls,
-    }
-
-
-def machine() -> dict:
-    flags, model = set(), ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
-    return {
-        "cpu": model or platform.processor(),
-        "flags": {f: f in flags for f in wanted},
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": sorted(os.sched_getaffinity(0)),
-        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "platform": platform.platform(),
-        "jax": jax.__version__,
-        "numpy": np.__version__,
-        "backend": jax.default_backend(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
