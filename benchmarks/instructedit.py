@@ -21,7 +21,9 @@ Two protocols for an instructed editor:
         --editor instructedit=editors/ie-cf-zsre --editor mend-cf=editors/mend-cf:counterfact \\
         ... [--tasks counterfact,zsre,knowedit] [--n 60] [--out FILE.json]
 
-`NAME=DIR:TASKS` evaluates that editor on TASKS only (comma-separated; default: `--tasks`).
+`NAME=DIR:TASKS` evaluates that editor on TASKS only (comma-separated; default: `--tasks`);
+`NAME=DIR:TASKS@TASK` writes TASK's instruction before every request (e.g. KnowEdit, unseen,
+edited through CounterFact's instruction: `ie-as-cf=editors/ie-cf-zsre:knowedit@counterfact`).
 An entry already in the output file is skipped (the run is resumable entry by entry).
 """
 
@@ -92,6 +94,7 @@ def main() -> None:
     for spec in args.editor:
         name, _, directory = spec.partition("=")
         directory, _, only = directory.partition(":")
+        only, _, as_task = only.partition("@")
         conf = read_config(Path(directory))
         instr = conf.get("instructions")
         protocols = ("raw", "instructed") if instr else ("raw",)
@@ -104,14 +107,15 @@ def main() -> None:
                     continue
                 if protocol == "raw" and instr:
                     m = methods.get("instructedit")
-                    hp = m.hparams(editor=directory)
+                    hp = m.hparams(editor=directory, task=as_task or None)
                     rs = reqs
                 else:
                     m = methods.get("mend")
                     hp = m.hparams(lm, editor=directory)
                     rs = reqs
                     if instr:
-                        rs = [instruct_request(r, Instructions.from_dict(instr)) for r in reqs]
+                        ins = Instructions.from_dict(instr)
+                        rs = [instruct_request(r, ins, as_task or None) for r in reqs]
                 state = m.prepare(lm, hp)
                 t0 = time.time()
                 res = runner.evaluate(
