@@ -272,6 +272,7 @@ def test_cli_atp_single_fact(cli_model, capsys, tmp_path):
     out = json.loads(capsys.readouterr().out)
     on_disk = json.load(open(tmp_path / "o" / "trace.json"))
     assert out["method"] == on_disk["method"] == "atp"
+    assert out["ig_steps"] == on_disk["ig_steps"] == 1  # the CLI's default: plain AtP
     assert set(on_disk["verified"]) == set(tr.KINDS)
     assert {"compile_s", "run_s", "trace_s"} <= set(out["timing"])
     for kind in tr.KINDS:
@@ -280,7 +281,12 @@ def test_cli_atp_single_fact(cli_model, capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "extra, message",
-    [(["--verify-top", "2"], "--method atp"), (["--method", "atp", "--verify-top", "-1"], ">= 0")],
+    [
+        (["--verify-top", "2"], "--method atp"),
+        (["--method", "atp", "--verify-top", "-1"], ">= 0"),
+        (["--ig-steps", "2"], "--method atp"),
+        (["--method", "atp", "--ig-steps", "0"], "--ig-steps must be >= 1"),
+    ],
 )
 def test_cli_atp_errors(cli_model, capsys, tmp_path, extra, message):
     from jaxedit.cli.main import main

@@ -47,6 +47,14 @@ def add_arguments(p):
         metavar="K",
         help="atp: re-run the exact patch on the K highest cells of each kind",
     )
+    p.add_argument(
+        "--ig-steps",
+        type=int,
+        default=1,
+        metavar="K",
+        help="atp: average the gradient over K inputs interpolated from clean to corrupted "
+        "(integrated gradients, K forward + backward passes per sample; 1 = plain AtP)",
+    )
 
 
 def run(args) -> dict:
@@ -57,11 +65,17 @@ def run(args) -> dict:
         raise InputError(f"--n must be >= 1, got {args.n}")
     if not 1 <= args.samples <= MAX_SAMPLES:
         raise InputError(f"--samples must be 1..{MAX_SAMPLES}, got {args.samples}")
-    if args.method != "atp" and (args.graddrop or args.verify_top):
-        raise InputError("--graddrop and --verify-top go with --method atp")
+    if args.method != "atp" and (args.graddrop or args.verify_top or args.ig_steps != 1):
+        raise InputError("--graddrop, --verify-top and --ig-steps go with --method atp")
     if args.verify_top < 0:
         raise InputError(f"--verify-top must be >= 0, got {args.verify_top}")
-    atp_options = {"graddrop": args.graddrop, "verify_top": args.verify_top}
+    if args.ig_steps < 1:
+        raise InputError(f"--ig-steps must be >= 1, got {args.ig_steps}")
+    atp_options = {
+        "graddrop": args.graddrop,
+        "verify_top": args.verify_top,
+        "ig_steps": args.ig_steps,
+    }
     check_out_dir(args.out, force=args.force, resumable=False)  # before the model loads
     lm = load_model(args)
     from jaxedit.locate import plots
