@@ -126,7 +126,8 @@ def pack_segments(
     (`_best_fit_rows`). `segments` numbers the documents of a row 1, 2, ... (0 = padding): with it
     `forward` attends within each document only and restarts positions at each, so every
     key is the one the document gives alone, while no position is spent on bucket padding
-    (WikiText's 4,096 tokens: 4,096 positions in 16 rows of 256, against 4,750 for `pack`).
+    (WikiText's 4,096 tokens: 4,288 positions, 16 rows of 256 and one of 192, against
+    4,750 for `pack`).
     """
     docs = [d for d in docs if len(d)]
     if not docs:
@@ -159,7 +160,6 @@ def _best_fit_rows(lengths: list[int], T: int) -> list[list[int]]:
     that still holds it (a new row of T when none does). Rows as lists of indices, fullest
     first (what is left over gathers in the last rows)."""
     rows: list[list[int]] = []
-    fill: list[int] = []
     free: dict[int, list[int]] = {}  # room left -> rows with that much room
     rooms: list[int] = []  # the keys of `free`, ascending
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -173,16 +173,13 @@ def _best_fit_rows(lengths: list[int], T: int) -> list[list[int]]:
         else:
             r, room = len(rows), T
             rows.append([])
-            fill.append(0)
         rows[r].append(i)
-        fill[r] += n
         if room - n > 0:
             if room - n not in free:
                 bisect.insort(rooms, room - n)
                 free[room - n] = []
             free[room - n].append(r)
-    order = sorted(range(len(rows)), key=lambda r: -fill[r])
-    return [rows[r] for r in order]
+    return sorted(rows, key=lambda row: -sum(lengths[i] for i in row))
 
 
 # ----------------------------------------------------------------------------- statistics
