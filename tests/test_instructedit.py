@@ -116,6 +116,33 @@ def test_default_templates_golden(paths):
     )
 
 
+def test_varied_templates_golden(paths):
+    """`varied`: the default templates are used at edit time, and case i of a task trains with
+    the (i mod 4)-th of the task's four documented descriptions."""
+    v, d = ins.load_instructions("varied"), ins.load_instructions("default")
+    assert v.tasks == d.tasks and all(v.template(t) == d.template(t) for t in d.tasks)
+    zs = md.load_cases(paths["zsre"], limit=5)
+    inner = [md.case_texts(c, v, i)[0][0] for i, c in enumerate(zs)]
+    head = "Task: zsre\nDescription: "
+    assert inner[0] == head + "Change the answer to this question to the new object.\nInput: " + (
+        zs[0].prompt
+    )
+    assert (
+        inner[3]
+        == (head + "Respond to this question about the subject with the new object.\nInput: ")
+        + zs[3].prompt
+    )
+    assert inner[4] == inner[0].replace(zs[0].prompt, zs[4].prompt)  # four, in turn
+    assert md.case_texts(zs[1], v, 1)[1][0].startswith(
+        head + "Make the model reply to the question with the given answer.\nInput: "
+    )  # the rephrase input carries the case's training instruction too
+    for t in v.tasks:  # no training description is the use-time one
+        assert v.template(t) not in {v.training_template(t, i) for i in range(4)}
+    # an editor's config holds every template; a one-template task stays a string, as before
+    assert ins.Instructions.from_dict(v.to_dict()) == v
+    assert d.to_dict()["templates"]["zsre"] == ins.DEFAULT_TEMPLATES["zsre"]
+
+
 def test_instructed_tokens_are_the_instructed_text(smollm, paths):
     """Tokenising with instructions = tokenising cases whose texts were instructed by hand."""
     d = ins.load_instructions("default")
@@ -295,7 +322,10 @@ def test_bad_instruction_files(tmp_path):
         "missing placeholder": ({"zsre": "Task: zsre\nInput:"}, "placeholder \\{prompt\\}"),
         "twice": ({"zsre": "{prompt} {prompt}"}, "exactly once"),
         "other brace": ({"zsre": "Task {x}: {prompt}"}, "no other brace"),
-        "not a string": ({"zsre": ["{prompt}"]}, "must be a string"),
+        "not a string": ({"zsre": 3}, "a template or a non-empty list"),
+        "empty list": ({"zsre": []}, "a template or a non-empty list"),
+        "bad list entry": ({"zsre": ["{prompt}", "Q:"]}, "placeholder \\{prompt\\}"),
+        "list of non-strings": ({"zsre": [["{prompt}"]]}, "must be a string"),
         "not an object": (["{prompt}"], "JSON object"),
     }
     for name, (content, match) in cases.items():
@@ -315,6 +345,16 @@ def test_bad_instruction_files(tmp_path):
     assert d.template("counterfact") == ins.DEFAULT_TEMPLATES["counterfact"]
     with pytest.raises(InputError, match="unknown task 'wiki'"):
         d.template("wiki")
+    # a list: the first is the use-time template, the others the training ones, in turn
+    (tmp_path / "list.json").write_text(
+        json.dumps({"zsre": ["Q: {prompt}", "A {prompt}", "B {prompt}"]})
+    )
+    d = ins.load_instructions(tmp_path / "list.json")
+    assert d.apply("zsre", "x") == "Q: x"
+    training = [d.training_template("zsre", i) for i in range(3)]
+    assert training == ["A {prompt}", "B {prompt}", "A {prompt}"]
+    assert d.training_template("counterfact", 7) == ins.DEFAULT_TEMPLATES["counterfact"]
+    assert ins.Instructions.from_dict(d.to_dict()) == d
 
 
 def test_training_on_a_task_without_instruction_is_refused(smollm, paths, tmp_path):

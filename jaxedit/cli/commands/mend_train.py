@@ -6,9 +6,11 @@ InstructEdit editor on several of them at once.
         --instructions default --out editors/instructedit     # InstructEdit (task-balanced)
 
 `--data` takes a comma-separated list; each entry is PATH or TASK=PATH (default task: the
-format's, `jaxedit.methods.mend.instructions.TASK_OF_FORMAT`). `--instructions default|FILE`
-writes each case's task instruction into its edit and rephrase inputs (FILE: a JSON object
-{task: template with "{prompt}"} over the defaults); without it the editor is plain MEND.
+format's, `jaxedit.methods.mend.instructions.TASK_OF_FORMAT`). `--instructions
+default|varied|FILE` writes each case's task instruction into its edit and rephrase inputs
+(varied: four training descriptions per task beside the default, which stays the use-time one;
+FILE: a JSON object {task: template with "{prompt}", or a list [use-time, training...]} over the
+defaults); without it the editor is plain MEND.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ def add_arguments(p):
     p.add_argument(
         "--instructions",
         default=None,
-        metavar="default|FILE",
+        metavar="default|varied|FILE",
         help="InstructEdit: task instructions before the edit and rephrase inputs (default "
-        "templates, or a JSON file {task: template with {prompt}} over them)",
+        "templates; varied: four training descriptions per task beside them; or a JSON file "
+        "{task: template with {prompt} or [use-time, training...]} over the defaults)",
     )
     p.add_argument(
         "--instruct-locality",

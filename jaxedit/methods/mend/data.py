@@ -25,7 +25,7 @@ from jaxedit.errors import InputError
 from jaxedit.eval.datasets.records import BadRecord, aliases
 from jaxedit.io.text import read_text
 from jaxedit.methods.mend.inputs import encode_pair, pad_pairs
-from jaxedit.methods.mend.instructions import TASK_OF_FORMAT, Instructions
+from jaxedit.methods.mend.instructions import TASK_OF_FORMAT, Instructions, instruct
 
 FORMATS = ("counterfact", "zsre", "knowedit")
 
@@ -142,14 +142,18 @@ class EditBatch(NamedTuple):
         return self.inner[0].shape[0]
 
 
-def case_texts(c: Case, instructions: Instructions | None = None) -> tuple[tuple[str, str], ...]:
+def case_texts(
+    c: Case, instructions: Instructions | None = None, i: int = 0
+) -> tuple[tuple[str, str], ...]:
     """(prompt, answer) of the edit, rephrase and locality inputs of a case, the instruction of
-    its task written in where `instructions` say (edit and rephrase; locality if asked)."""
+    its task written in where `instructions` say (edit and rephrase; locality if asked): the
+    training template of the task's i-th case (`Instructions.training_template`)."""
     inner, outer, loc = c.prompt, c.rephrase, c.loc_prompt
     if instructions is not None:
-        inner, outer = instructions.apply(c.task, inner), instructions.apply(c.task, outer)
+        template = instructions.training_template(c.task, i)
+        inner, outer = instruct(template, inner), instruct(template, outer)
         if instructions.locality:
-            loc = instructions.apply(c.task, loc)
+            loc = instruct(template, loc)
     return (inner, c.target), (outer, c.target), (loc, c.loc_answer)
 
 
@@ -160,11 +164,12 @@ def tokenize_cases(
     max_target: int = 8,
     instructions: Instructions | None = None,
 ) -> EditBatch:
-    """Encode every case (instructed: `case_texts`), skipping those with a sequence longer than
-    `max_len` tokens or an answer longer than `max_target` tokens."""
+    """Encode every case (instructed: `case_texts`, the i-th case with the task's i-th training
+    template, so pass one task's cases), skipping those with a sequence longer than `max_len`
+    tokens or an answer longer than `max_target` tokens."""
     keep = {"inner": [], "outer": [], "loc": []}
-    for c in cases:
-        parts = tuple(encode_pair(tok, p, a) for p, a in case_texts(c, instructions))
+    for i, c in enumerate(cases):
+        parts = tuple(encode_pair(tok, p, a) for p, a in case_texts(c, instructions, i))
         if max(len(p[0]) for p in parts) <= max_len and max(sum(p[1]) for p in parts) <= max_target:
             for k, p in zip(keep, parts, strict=True):
                 keep[k].append(p)

@@ -34,8 +34,16 @@ A task is named by the format of its data (`TASK_OF_FORMAT`: EasyEdit's and ROME
 `{"task": "template", ...}` overrides or adds templates; every template holds "{prompt}"
 exactly once and no other brace (a prompt's own "{}" subject slot passes through untouched).
 
-Deliberate differences from the reference: one template per task (the reference draws each
-training record's description from nine, keeping a tenth for test); a task is any name, not
+Several templates per task (`--instructions varied`, or a list in the JSON file): the first is
+the **use-time** instruction (edits and tests), the others the **training** ones — case i of a
+task is trained with training template i mod m — so the editor never trains on the exact wording
+it is used with, as the reference (each training record draws its description from nine, a tenth
+is kept for test). `varied` keeps the default templates above as the use-time ones and adds four
+training descriptions per task (`VARIED_DESCRIPTIONS`), so its editors are used exactly as the
+default ones and differ only in what they trained on. One template: used for both.
+
+Deliberate differences from the reference: the training description of a case cycles instead of
+a random draw (a pure function of the data order), four instead of nine; a task is any name, not
 one of four fixed ones.
 """
 
@@ -44,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +77,40 @@ DEFAULT_TEMPLATES: dict[str, str] = {
         "Description: Update a Wikidata fact about the subject to the new object.\n"
         "Input: {prompt}"
     ),
+}
+
+# `--instructions varied`: training descriptions besides each default (the use-time one)
+VARIED_DESCRIPTIONS: dict[str, tuple[str, ...]] = {
+    "counterfact": (
+        "Change what is stated about the subject to the given object.",
+        "Rewrite the fact so that the sentence ends with the new object.",
+        "Edit the stored fact about the subject to a counterfactual one.",
+        "Make the model complete this statement with the new object.",
+    ),
+    "zsre": (
+        "Change the answer to this question to the new object.",
+        "Make the model reply to the question with the given answer.",
+        "Edit the fact this question asks about to the new answer.",
+        "Respond to this question about the subject with the new object.",
+    ),
+    "knowedit": (
+        "Change this Wikidata fact about the subject to the given object.",
+        "Rewrite the knowledge graph fact so that it ends with the new object.",
+        "Edit the stored Wikidata relation of the subject to the new value.",
+        "Make the model complete this Wikidata fact with the new object.",
+    ),
+}
+
+
+def _with_description(template: str, description: str) -> str:
+    """A default template (three lines) with its "Description:" line replaced."""
+    task, _, field = template.split("\n")
+    return "\n".join((task, f"Description: {description}", field))
+
+
+VARIED_TEMPLATES: dict[str, tuple[str, ...]] = {
+    task: (t, *(_with_description(t, d) for d in VARIED_DESCRIPTIONS[task]))
+    for task, t in DEFAULT_TEMPLATES.items()
 }
 
 # the task of a record, from the data format that read it (`jaxedit.eval.datasets.FORMATS`)
@@ -101,58 +143,85 @@ def instruct(template: str, text: str) -> str:
     return head + text + tail
 
 
+Templates = str | Sequence[str]  # one template, or [use-time, training...]
+
+
+def _as_tuple(task: str, value: object, source: str) -> tuple[str, ...]:
+    seq = (value,) if isinstance(value, str) else value
+    if not isinstance(seq, Sequence) or isinstance(seq, str) or not seq:
+        raise InputError(
+            f"{source}: task {task!r} needs a template or a non-empty list of templates"
+        )
+    return tuple(check_template(task, t, source) for t in seq)
+
+
 @dataclass(frozen=True)
 class Instructions:
-    """Per-task templates (sorted (task, template) pairs: hashable, one canonical order) and
-    whether locality inputs carry the instruction too."""
+    """Per-task templates (sorted (task, (use-time, training...)) pairs: hashable, one
+    canonical order) and whether locality inputs carry the instruction too."""
 
-    templates: tuple[tuple[str, str], ...]
+    templates: tuple[tuple[str, tuple[str, ...]], ...]
     locality: bool = False
 
     def __post_init__(self):
-        for task, template in self.templates:
-            check_template(task, template)
-        tasks = [t for t, _ in self.templates]
+        pairs = tuple((task, _as_tuple(task, ts, "instructions")) for task, ts in self.templates)
+        tasks = [t for t, _ in pairs]  # (checked again: the constructor may be called directly)
         if len(set(tasks)) != len(tasks):
             raise InputError(f"instructions: a task is listed twice ({tasks})")
-        object.__setattr__(self, "templates", tuple(sorted(self.templates)))
+        object.__setattr__(self, "templates", tuple(sorted(pairs)))
 
     @classmethod
-    def of(cls, templates: Mapping[str, str], locality: bool = False) -> Instructions:
-        return cls(tuple(templates.items()), locality)
+    def of(cls, templates: Mapping[str, Templates], locality: bool = False) -> Instructions:
+        pairs = tuple((t, _as_tuple(t, v, "instructions")) for t, v in templates.items())
+        return cls(pairs, locality)
 
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(t for t, _ in self.templates)
 
-    def template(self, task: str) -> str:
-        for t, template in self.templates:
+    def _all(self, task: str) -> tuple[str, ...]:
+        for t, templates in self.templates:
             if t == task:
-                return template
+                return templates
         raise InputError(
             f"unknown task {task!r}: the instructions cover {', '.join(self.tasks) or 'none'}"
         )
+
+    def template(self, task: str) -> str:
+        """The use-time template of `task` (its first)."""
+        return self._all(task)[0]
+
+    def training_template(self, task: str, i: int) -> str:
+        """The template case i of `task` trains with: its i mod m-th training template (the
+        ones after the first), or the only one."""
+        templates = self._all(task)
+        training = templates[1:] or templates
+        return training[i % len(training)]
 
     def apply(self, task: str, text: str) -> str:
         return instruct(self.template(task), text)
 
     def to_dict(self) -> dict:
-        return {"templates": dict(self.templates), "locality": self.locality}
+        # one template as a string: the form of configs written before lists existed
+        flat = {t: ts[0] if len(ts) == 1 else list(ts) for t, ts in self.templates}
+        return {"templates": flat, "locality": self.locality}
 
     @classmethod
     def from_dict(cls, d: Mapping, source: str = "instructions") -> Instructions:
         if not isinstance(d, Mapping) or not isinstance(d.get("templates"), Mapping):
             raise InputError(f"{source}: expected {{'templates': {{task: template}}, ...}}")
-        for task, template in d["templates"].items():
-            check_template(task, template, source)
-        return cls.of(d["templates"], bool(d.get("locality", False)))
+        templates = {task: _as_tuple(task, ts, source) for task, ts in d["templates"].items()}
+        return cls.of(templates, bool(d.get("locality", False)))
 
 
 def load_instructions(spec: str | os.PathLike, locality: bool = False) -> Instructions:
-    """ "default" (the templates above) or a JSON file {task: template} whose entries override
-    or add to the defaults."""
-    templates = dict(DEFAULT_TEMPLATES)
-    if str(spec) != "default":
+    """ "default" (the templates above), "varied" (the same use-time templates, four training
+    descriptions each) or a JSON file {task: template or [use-time, training...]} whose entries
+    override or add to the defaults."""
+    templates: dict[str, Templates] = dict(DEFAULT_TEMPLATES)
+    if str(spec) == "varied":
+        templates = dict(VARIED_TEMPLATES)
+    elif str(spec) != "default":
         path = Path(spec)
         if not path.is_file():
             raise InputError(f"instruction file {path} not found (or pass 'default')")
@@ -162,8 +231,8 @@ def load_instructions(spec: str | os.PathLike, locality: bool = False) -> Instru
             raise InputError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(raw, dict) or not raw:
             raise InputError(f"{path}: expected a JSON object {{task: template}}")
-        for task, template in raw.items():
-            templates[task] = check_template(task, template, str(path))
+        for task, value in raw.items():
+            templates[task] = _as_tuple(task, value, str(path))
     return Instructions.of(templates, locality)
 
 
