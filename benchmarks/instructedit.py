@@ -21,6 +21,8 @@ Two protocols for an instructed editor:
         --editor instructedit=editors/ie-cf-zsre --editor mend-cf=editors/mend-cf:counterfact \\
         ... [--tasks counterfact,zsre,knowedit] [--n 60] [--out FILE.json]
 
+`--n` above 60 reads proportionally more records (`--n 200`: KnowEdit records 0-199, CounterFact
+the known cases of records 0-959); give such a run its own `--out` and `--runs`.
 `NAME=DIR:TASKS` evaluates that editor on TASKS only (comma-separated; default: `--tasks`);
 `NAME=DIR:TASKS@TASK` writes TASK's instruction before every request (e.g. KnowEdit, unseen,
 edited through CounterFact's instruction: `ie-as-cf=editors/ie-cf-zsre:knowedit@counterfact`).
@@ -87,7 +89,8 @@ def main() -> None:
     cases = {}  # task -> the held-out requests (known ones: chosen on the raw prompts, once)
     for task in args.tasks.split(","):
         file, n_records, known = TASKS[task]
-        reqs = datasets.load(SHARED / file, n=n_records).requests
+        # records read: TASKS' count per 60 cases (CounterFact: about one in four is known)
+        reqs = datasets.load(SHARED / file, n=n_records * -(-args.n // 60)).requests
         if known:
             reqs = [r for r, pre in zip(reqs, measure(lm, reqs), strict=True) if is_known(r, pre)]
         cases[task] = reqs[: args.n]

@@ -1,6 +1,7 @@
 #!/bin/bash
-# Issue #16's editors: InstructEdit on CounterFact + zsRE, the same tasks without instructions, and
-# one MEND editor per task — one preset (smollm2-135m-instructedit), the same seed and steps — then
+# Issue #16's editors: InstructEdit on CounterFact + zsRE (default and varied instructions), the
+# same tasks without instructions, and one MEND editor per task — one preset
+# (smollm2-135m-instructedit), the same seed and steps — then
 # benchmarks/instructedit.py on the held-out cases (KnowEdit: unseen; also through CounterFact's
 # instruction). Sequential and resumable (rerun continues); pinned to core ${CORE:-1}.
 #     CORE=1 STEPS=300 bash benchmarks/instructedit_train.sh
@@ -24,7 +25,9 @@ train ie-cf-zsre --data $CF,$ZS --instructions default
 train mend-cf --data $CF
 train mend-zsre --data $ZS
 train mt-cf-zsre --data $CF,$ZS
+train ie-varied-cf-zsre --data $CF,$ZS --instructions varied   # four training descriptions per task
 $PY benchmarks/instructedit.py \
   --editor instructedit=editors/ie-cf-zsre --editor multitask=editors/mt-cf-zsre \
   --editor mend-cf=editors/mend-cf:counterfact --editor mend-zsre=editors/mend-zsre:zsre \
-  --editor ie-as-cf=editors/ie-cf-zsre:knowedit@counterfact
+  --editor ie-as-cf=editors/ie-cf-zsre:knowedit@counterfact \
+  --editor ie-varied=editors/ie-varied-cf-zsre
