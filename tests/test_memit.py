@@ -95,6 +95,9 @@ def test_alphaedit_spares_the_preserved_subspace(tiny, tiny_C):
         w, V = np.linalg.eigh(tiny_C[d.layer])
         K0 = V[:, w >= 1e-2]
         np.testing.assert_allclose(P @ K0, 0, atol=1e-10)
+        # the share of C's trace in the null space: its eigenvalues below the threshold
+        energy = state.base.stats["nullspace_energy"][d.layer]
+        np.testing.assert_allclose(energy, w[w < 1e-2].sum() / w.sum(), rtol=1e-9)
         dW = d.matrix().astype(np.float64)
         out = K0.T @ dW  # rows: k0ᵀ ΔW
         assert np.linalg.norm(out, axis=1).max() <= 1e-4 * max(np.linalg.norm(dW), 1e-12) + 1e-7
