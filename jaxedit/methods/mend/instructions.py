@@ -164,8 +164,9 @@ class Instructions:
     locality: bool = False
 
     def __post_init__(self):
+        # checked here too (not only in `of` / `from_dict`): the constructor is public
         pairs = tuple((task, _as_tuple(task, ts, "instructions")) for task, ts in self.templates)
-        tasks = [t for t, _ in pairs]  # (checked again: the constructor may be called directly)
+        tasks = [t for t, _ in pairs]
         if len(set(tasks)) != len(tasks):
             raise InputError(f"instructions: a task is listed twice ({tasks})")
         object.__setattr__(self, "templates", tuple(sorted(pairs)))
