@@ -26,6 +26,7 @@ from machine import machine
 
 from jaxedit import methods
 from jaxedit.io.checkpoint import load
+from jaxedit.methods.common.value_hparams import key_stats
 
 OUT = Path(__file__).parent / "results" / "nullspace.json"
 THRESHOLDS = (5e-3, 1e-2, 2e-2, 5e-2)
@@ -54,21 +55,19 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     lm = load()
-    m = methods.get("alphaedit")
-    hp = m.hparams(args.hparams)
-    state = m.prepare(lm, hp)
+    hp = methods.get("alphaedit").hparams(args.hparams)
+    # only C: not `prepare`, which also samples context templates and builds the projectors
+    stats = key_stats(lm, hp, hp.layers, cache_dir=None, progress=False)
     thresholds = sorted({*THRESHOLDS, hp.nullspace_threshold})
-    layers = {str(layer): spectrum_report(C, thresholds) for layer, C in state.base.C.items()}
+    layers = {str(layer): spectrum_report(st.mom2, thresholds) for layer, st in stats.items()}
     for layer, r in layers.items():
         t = r["thresholds"][f"{hp.nullspace_threshold:g}"]
         e = r["eigenvalues"]
         print(
             f"layer {layer}: eigenvalues {e['min']:.1e} .. {e['median']:.1e} .. {e['max']:.1e}, "
             f"trace {r['trace']:.1f}; threshold {hp.nullspace_threshold:g}: "
-            + f"{t['dims']} of {r['width']} dims, {t['energy']:.2f} of the trace; "
-            + "lowest 1/5/10/20 % of the trace: "
-            + "/".join(str(n) for n in r["lowest"].values())
-            + " dims"
+            f"{t['dims']} of {r['width']} dims, {t['energy']:.2f} of the trace; "
+            f"lowest 1/5/10/20 % of the trace: {'/'.join(map(str, r['lowest'].values()))} dims"
         )
     result = {
         "machine": machine(),
