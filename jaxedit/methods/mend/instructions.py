@@ -212,7 +212,7 @@ class Instructions:
         if not isinstance(d, Mapping) or not isinstance(d.get("templates"), Mapping):
             raise InputError(f"{source}: expected {{'templates': {{task: template}}, ...}}")
         templates = {task: _as_tuple(task, ts, source) for task, ts in d["templates"].items()}
-        return cls.of(templates, bool(d.get("locality", False)))
+        return cls(tuple(templates.items()), bool(d.get("locality", False)))
 
 
 def load_instructions(spec: str | os.PathLike, locality: bool = False) -> Instructions:
