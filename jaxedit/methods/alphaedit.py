@@ -24,9 +24,11 @@ near 0 when C has a true null space. (SmolLM2-135M's keys at layers 3–5 have e
 Options from the lifelong-editing literature, on the same solver (all off by default):
 - `early_stop_argmax` (ENCORE, Gupta et al. 2025, most-probable early stopping): stop the z
   optimisation once the target is the top-1 continuation on every template.
-- `norm_penalty` α: also penalise α ‖W_t + ΔW − W₀‖² (ENCORE's Frobenius-norm constraint on
-  the accumulated change, which carries the state's running sum D = W_t − W₀):
-  ΔW = solve(P(KKᵀ + K_pK_pᵀ) + (L2 + α) I, P (K Rᵀ − α D)) — still in range(P).
+- `norm_penalty` α: also penalise α ‖W_t + ΔW − W₀‖², the accumulated change since the
+  unedited W₀ (the state carries the running sum D = W_t − W₀):
+  ΔW = solve(P(KKᵀ + K_pK_pᵀ) + (L2 + α) I, P (K Rᵀ − α D)) — still in range(P). ENCORE's own
+  norm constraint penalises only the round's update, μ ‖ΔW‖² (its code adds μ · I to the
+  system), which is what L2 · I already is here; this one also pulls earlier rounds back.
 - `anchor_value_norm`: rescale each z to the norm of the unedited residual h (‖z‖ = ‖h‖), the
   norm-growth fix of value-norm anchoring.
 
@@ -62,7 +64,7 @@ STATE_FORMAT = "jaxedit.alphaedit.state"
 class AlphaEditHparams(memit.SpreadHparams):
     nullspace_threshold: float = 2e-2  # eigenvalues of C below this span the null space
     L2: float = 10.0  # ridge on ΔW in the projected solve
-    norm_penalty: float = 0.0  # α on ‖W_t + ΔW − W₀‖² (ENCORE-style); 0 = the paper
+    norm_penalty: float = 0.0  # α on ‖W_t + ΔW − W₀‖² (accumulated change); 0 = the paper
     anchor_value_norm: bool = False  # rescale z to ‖h‖
 
     def __post_init__(self):
