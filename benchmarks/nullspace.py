@@ -10,13 +10,18 @@ keeps few directions (little room for edits) or keeps directions that ordinary t
 lowest 1 / 5 / 10 / 20 % of the trace: the most room any threshold can give at that cost.
 
     uv run python benchmarks/nullspace.py [--hparams smollm2-135m] [--out FILE.json]
+        [--other-corpus ../shared/data/wikitext/wiki.valid.raw --other-tokens 131072]
 
 Statistics come from the jaxedit cache (computed once if missing: the preset's corpus).
+`--other-corpus` also reads C' of the same layers from another text and reports its spectrum and
+how much of *its* key energy the preset's null space holds, tr(P C') / tr(C'): the preset builds
+P from text the model samples itself, while perplexity is measured on WikiText.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -49,10 +54,20 @@ def spectrum_report(C: np.ndarray, thresholds=THRESHOLDS) -> dict:
     }  # fmt: skip
 
 
+def projector_energy(C: np.ndarray, C_other: np.ndarray, threshold: float) -> float:
+    """tr(P C') / tr(C'), P the projector on C's eigenvectors with eigenvalue < threshold."""
+    w, U = np.linalg.eigh(np.asarray(C, np.float64))
+    Uk = U[:, w < threshold]
+    C2 = np.asarray(C_other, np.float64)
+    return float(np.trace(Uk.T @ C2 @ Uk) / np.trace(C2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hparams", default="smollm2-135m", help="AlphaEdit preset")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--other-corpus", help="a text file: also the spectrum of its keys' C'")
+    ap.add_argument("--other-tokens", type=int, default=131072)
     args = ap.parse_args()
     lm = load()
     hp = methods.get("alphaedit").hparams(args.hparams)
@@ -69,6 +84,24 @@ def main() -> None:
             f"{t['dims']} of {r['width']} dims, {t['energy']:.2f} of the trace; "
             f"lowest 1/5/10/20 % of the trace: {'/'.join(map(str, r['lowest'].values()))} dims"
         )
+    other = None
+    if args.other_corpus:
+        hp2 = dataclasses.replace(
+            hp, mom2_corpus=args.other_corpus, mom2_n_tokens=args.other_tokens
+        )
+        stats2 = key_stats(lm, hp2, hp.layers, cache_dir=None, progress=False)
+        other = {"mom2_corpus": args.other_corpus, "mom2_n_tokens": args.other_tokens, "layers": {}}
+        for layer, st in stats2.items():
+            r = spectrum_report(st.mom2, thresholds)
+            r["preset_projector_energy"] = projector_energy(
+                stats[layer].mom2, st.mom2, hp.nullspace_threshold
+            )
+            other["layers"][str(layer)] = r
+            print(
+                f"layer {layer}, {Path(args.other_corpus).name}: its own threshold keeps "
+                f"{r['thresholds'][f'{hp.nullspace_threshold:g}']['energy']:.2f} of its trace; "
+                f"the preset's P holds {r['preset_projector_energy']:.2f} of it"
+            )
     result = {
         "machine": machine(),
         "model": lm.name,
@@ -76,6 +109,7 @@ def main() -> None:
         "nullspace_threshold": hp.nullspace_threshold,
         "corpus": {"mom2_corpus": hp.mom2_corpus, "mom2_n_tokens": hp.mom2_n_tokens},
         "layers": layers,
+        "other_corpus": other,
     }
     out = Path(args.out)
     tmp = out.with_suffix(".tmp")
