@@ -27,6 +27,11 @@ the known cases of records 0-959); give such a run its own `--out` and `--runs`.
 `NAME=DIR:TASKS@TASK` writes TASK's instruction before every request (e.g. KnowEdit, unseen,
 edited through CounterFact's instruction: `ie-as-cf=editors/ie-cf-zsre:knowedit@counterfact`).
 An entry already in the output file is skipped (the run is resumable entry by entry).
+
+`--paired A,B` (entries NAME/TASK/PROTOCOL of the output file, evaluated on the same cases) adds
+`paired["A vs B"]`: per measure the mean of B − A over the common cases, its standard error and
+the cases where B wins / loses, from the per-case rows in `--runs` (`--paired-skip K` leaves
+out the first K cases, e.g. those a smaller earlier run already showed).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ import json
 import os
 import time
 from pathlib import Path
+
+import numpy as np
 
 from jaxedit import methods
 from jaxedit.eval import datasets, runner
@@ -74,9 +81,46 @@ def summary(result: dict) -> dict:
     }
 
 
+def paired(runs: Path, a: str, b: str, skip: int = 0) -> dict:
+    """B − A per case over the cases both runs measured (the run directories `runner.evaluate`
+    wrote: `<runs>/<name>-<task>-<protocol>/cases.jsonl`), the first `skip` of A's left out."""
+
+    def rows(entry: str) -> tuple[list, dict]:
+        path = runs / entry.replace("/", "-") / "cases.jsonl"
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        cases = [r for r in lines if "case_id" in r]
+        return [r["case_id"] for r in cases], {r["case_id"]: r["metrics"] for r in cases}
+
+    order, ma = rows(a)
+    _, mb = rows(b)
+    ids = [i for i in order[skip:] if i in mb]
+    out = {"n": len(ids), "skipped_first": skip}
+    for k in KEEP:
+        if not all(k in ma[i] and k in mb[i] for i in ids):
+            continue
+        d = np.asarray([mb[i][k] - ma[i][k] for i in ids], np.float64)
+        out[k] = {
+            "a": float(np.mean([ma[i][k] for i in ids])),
+            "b": float(np.mean([mb[i][k] for i in ids])),
+            "diff": float(d.mean()),
+            "se": float(d.std(ddof=1) / np.sqrt(d.size)),
+            "b_wins": int((d > 0).sum()),
+            "b_loses": int((d < 0).sum()),
+        }
+    return out
+
+
+def write(out: Path, results: dict) -> None:
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--editor", action="append", required=True, metavar="NAME=DIR[:TASKS]")
+    ap.add_argument("--editor", action="append", default=[], metavar="NAME=DIR[:TASKS]")
+    ap.add_argument("--paired", action="append", default=[], metavar="A,B")
+    ap.add_argument("--paired-skip", type=int, default=0)
     ap.add_argument("--tasks", default="counterfact,zsre,knowedit")
     ap.add_argument("--n", type=int, default=60, help="cases per task")
     ap.add_argument("--out", default=str(OUT))
@@ -85,6 +129,16 @@ def main() -> None:
 
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
+    if not args.editor and not args.paired:
+        ap.error("give --editor (to evaluate) or --paired (to compare evaluated entries)")
+    for spec in args.paired:
+        a, _, b = spec.partition(",")
+        key = f"{a} vs {b}" + (f" (after the first {args.paired_skip})" if args.paired_skip else "")
+        results.setdefault("paired", {})[key] = r = paired(Path(args.runs), a, b, args.paired_skip)
+        write(out, results)
+        print(key, json.dumps(r))
+    if not args.editor:
+        return
     lm = load()
     cases = {}  # task -> the held-out requests (known ones: chosen on the raw prompts, once)
     for task in args.tasks.split(","):
@@ -141,9 +195,7 @@ def main() -> None:
                     **summary(res),
                     "seconds": round(time.time() - t0, 1),
                 }
-                tmp = out.with_suffix(".tmp")
-                tmp.write_text(json.dumps(results, indent=1))
-                os.replace(tmp, out)
+                write(out, results)
                 e = results[key]["edited"]
                 print(key, results[key]["n"], e, flush=True)
 
