@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from machine import machine
+
+from jaxedit.methods.mend.checkpoint import write_json_atomic  # temp file, then os.replace
 
 
 def summary(run_dir: Path) -> dict:
@@ -38,9 +39,7 @@ def main() -> None:
     for run_dir in args.runs:
         out[run_dir.name] = summary(run_dir)
         print(f"{run_dir.name}: {out[run_dir.name]['n']} cases")
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, out)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -48,7 +47,7 @@ from jaxedit import methods
 from jaxedit.eval import datasets, runner
 from jaxedit.eval.measure import is_known, measure
 from jaxedit.io.checkpoint import load
-from jaxedit.methods.mend.checkpoint import read_config
+from jaxedit.methods.mend.checkpoint import read_config, write_json_atomic
 from jaxedit.methods.mend.instructions import Instructions, instruct_request
 
 SHARED = Path(__file__).parent.parent.parent / "shared" / "data"
@@ -110,12 +109,6 @@ def paired(runs: Path, a: str, b: str, skip: int = 0) -> dict:
     return out
 
 
-def write(out: Path, results: dict) -> None:
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--editor", action="append", default=[], metavar="NAME=DIR[:TASKS]")
@@ -135,7 +128,7 @@ def main() -> None:
         a, _, b = spec.partition(",")
         key = f"{a} vs {b}" + (f" (after the first {args.paired_skip})" if args.paired_skip else "")
         results.setdefault("paired", {})[key] = r = paired(Path(args.runs), a, b, args.paired_skip)
-        write(out, results)
+        write_json_atomic(out, results)
         print(key, json.dumps(r))
     if not args.editor:
         return
@@ -195,7 +188,7 @@ def main() -> None:
                     **summary(res),
                     "seconds": round(time.time() - t0, 1),
                 }
-                write(out, results)
+                write_json_atomic(out, results)
                 e = results[key]["edited"]
                 print(key, results[key]["n"], e, flush=True)
 

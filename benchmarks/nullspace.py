@@ -31,6 +31,7 @@ from machine import machine
 
 from jaxedit import methods
 from jaxedit.io.checkpoint import load
+from jaxedit.methods.common import linalg
 from jaxedit.methods.common.value_hparams import key_stats
 
 OUT = Path(__file__).parent / "results" / "nullspace.json"
@@ -55,11 +56,10 @@ def spectrum_report(C: np.ndarray, thresholds=THRESHOLDS) -> dict:
 
 
 def projector_energy(C: np.ndarray, C_other: np.ndarray, threshold: float) -> float:
-    """tr(P C') / tr(C'), P the projector on C's eigenvectors with eigenvalue < threshold."""
-    w, U = np.linalg.eigh(np.asarray(C, np.float64))
-    Uk = U[:, w < threshold]
+    """tr(P C') / tr(C'), P AlphaEdit's projector from C (`linalg.null_space_projector`)."""
+    P = linalg.null_space_projector(C, threshold)
     C2 = np.asarray(C_other, np.float64)
-    return float(np.trace(Uk.T @ C2 @ Uk) / np.trace(C2))
+    return float(np.sum(P * C2) / np.trace(C2))  # P, C' symmetric: tr(P C') = Σ P∘C'
 
 
 def main() -> None:
