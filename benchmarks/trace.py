@@ -110,14 +110,81 @@ def _exact_cached(lm, fact, path, kw) -> dict:
     return out
 
 
+TOP_K = (3, 5)  # AtP's top cells of the last subject token's row that `verify_top` would re-run
+
+
+def _grid_agreement(ex: dict, est: dict, name: str = "atp") -> dict:
+    """Per kind: how far grid `est` agrees with the exact grid `ex` (both trace.json objects) on
+    the rows from the first subject token on (rows before it are low_score in both, ties that
+    say nothing): Spearman over all those cells, over the noised (subject) rows and over the
+    rows after them; the argmax layer at the last subject token in both; and whether the exact
+    argmax is among `est`'s top K layers of that row (re-running those K cells exactly, as
+    `verify_top` does, then finds it)."""
+    from scipy.stats import spearmanr
+
+    b, e = ex["subject_range"]
+    n_subj = e - b
+    out = {}
+    for kind in tr.KINDS:
+        a = np.asarray(ex["kinds"][kind]["scores"], np.float64)[b:]
+        g = np.asarray(est["kinds"][kind]["scores"], np.float64)[b:]
+        exact_argmax = int(np.argmax(a[n_subj - 1]))
+        out[kind] = {
+            "spearman": float(spearmanr(a.ravel(), g.ravel()).statistic),
+            "spearman_subject_rows": float(
+                spearmanr(a[:n_subj].ravel(), g[:n_subj].ravel()).statistic
+            ),
+            "spearman_after_subject": float(
+                spearmanr(a[n_subj:].ravel(), g[n_subj:].ravel()).statistic
+            ),
+            "argmax_exact": exact_argmax,
+            f"argmax_{name}": int(np.argmax(g[n_subj - 1])),
+            **{
+                f"exact_argmax_in_top{k}": bool(exact_argmax in np.argsort(-g[n_subj - 1])[:k])
+                for k in TOP_K
+            },
+        }
+    return out
+
+
+def _per_kind_summary(rows: list[dict], name: str = "atp") -> dict:
+    """Means over facts of `_grid_agreement`'s per-kind numbers."""
+    if not rows:
+        return {}
+
+    def mean(kind, f):
+        return float(np.mean([f(r[kind]) for r in rows]))
+
+    return {
+        kind: {
+            "mean_spearman": mean(kind, lambda x: x["spearman"]),
+            "median_spearman": float(np.median([r[kind]["spearman"] for r in rows])),
+            "mean_spearman_subject_rows": mean(kind, lambda x: x["spearman_subject_rows"]),
+            "mean_spearman_after_subject": mean(kind, lambda x: x["spearman_after_subject"]),
+            "argmax_agreement_last_subject_token": mean(
+                kind, lambda x: x["argmax_exact"] == x[f"argmax_{name}"]
+            ),
+            "argmax_within_1_layer": mean(
+                kind, lambda x: abs(x["argmax_exact"] - x[f"argmax_{name}"]) < 2
+            ),
+            **{
+                f"exact_argmax_in_top{k}": mean(
+                    kind, lambda x, k=k: x.get(f"exact_argmax_in_top{k}")
+                )
+                for k in TOP_K
+                if all(f"exact_argmax_in_top{k}" in r[kind] for r in rows)
+            },
+        }
+        for kind in tr.KINDS
+    }
+
+
 def compare_atp(lm, facts, n, cache_dir, kw, log=print, atp_kw=None, cached_only=False) -> dict:
     """Exact grid vs AtP on the first `n` facts the model predicts correctly: Spearman rank
     correlation over the cells from the first subject token on (rows before it are low_score
     in both, ties that say nothing), argmax layer at the last subject token, run seconds
     (compile excluded, `CompileClock`). `atp_kw`: extra `atp_trace` options (e.g. ig_steps);
     `cached_only`: use only the facts whose exact grid is already cached (no new grids)."""
-    from scipy.stats import spearmanr
-
     from jaxedit.locate import atp
 
     os.makedirs(cache_dir, exist_ok=True)
@@ -137,7 +204,6 @@ def compare_atp(lm, facts, n, cache_dir, kw, log=print, atp_kw=None, cached_only
             est = atp.atp_trace(lm, fact["prompt"], fact["subject"], **kw, **(atp_kw or {}))
         with compile_cache.CompileClock() as clock:  # compiled now: the run alone
             est = atp.atp_trace(lm, fact["prompt"], fact["subject"], **kw, **(atp_kw or {}))
-        b, e = ex["subject_range"]
         t = ex["timing"]
         row = {
             "index": i,
@@ -153,21 +219,7 @@ def compare_atp(lm, facts, n, cache_dir, kw, log=print, atp_kw=None, cached_only
             "atp_run_s": clock.run_s,
             "atp_compile_s": first.compile_s + first.trace_s,
         }
-        for kind in tr.KINDS:
-            a = np.asarray(ex["kinds"][kind]["scores"], np.float64)[b:]
-            g = np.asarray(est["kinds"][kind]["scores"], np.float64)[b:]
-            n_subj = e - b  # the noised rows: where a first-order estimate is least accurate
-            row[kind] = {
-                "spearman": float(spearmanr(a.ravel(), g.ravel()).statistic),
-                "spearman_subject_rows": float(
-                    spearmanr(a[:n_subj].ravel(), g[:n_subj].ravel()).statistic
-                ),
-                "spearman_after_subject": float(
-                    spearmanr(a[n_subj:].ravel(), g[n_subj:].ravel()).statistic
-                ),
-                "argmax_exact": int(np.argmax(a[e - 1 - b])),
-                "argmax_atp": int(np.argmax(g[e - 1 - b])),
-            }
+        row.update(_grid_agreement(ex, est))
         rows.append(row)
         log(
             f"fact {i} ({len(rows)}/{n}) {fact['subject']!r}: "
@@ -189,29 +241,7 @@ def compare_atp(lm, facts, n, cache_dir, kw, log=print, atp_kw=None, cached_only
         "settings": {k: v for k, v in kw.items() if k != "kinds"},
         "atp_options": dict(atp_kw or {}),
         "cells": "rows from the first subject token on, every layer",
-        "per_kind": {
-            kind: {
-                "mean_spearman": float(np.mean([r[kind]["spearman"] for r in rows])),
-                "median_spearman": float(np.median([r[kind]["spearman"] for r in rows])),
-                "mean_spearman_subject_rows": float(
-                    np.mean([r[kind]["spearman_subject_rows"] for r in rows])
-                ),
-                "mean_spearman_after_subject": float(
-                    np.mean([r[kind]["spearman_after_subject"] for r in rows])
-                ),
-                "argmax_agreement_last_subject_token": float(
-                    np.mean([r[kind]["argmax_exact"] == r[kind]["argmax_atp"] for r in rows])
-                ),
-                "argmax_within_1_layer": float(
-                    np.mean(
-                        [abs(r[kind]["argmax_exact"] - r[kind]["argmax_atp"]) < 2 for r in rows]
-                    ),
-                ),
-            }
-            for kind in tr.KINDS
-        }
-        if rows
-        else {},
+        "per_kind": _per_kind_summary(rows),
         "n_facts_timed": len(timed),
         "exact_cpu_s_per_fact_mean": float(exact_s.mean()) if timed else None,
         "atp_cpu_s_per_fact_mean": float(atp_s.mean()) if timed else None,
@@ -224,6 +254,78 @@ def compare_atp(lm, facts, n, cache_dir, kw, log=print, atp_kw=None, cached_only
         "facts": rows,
     }
     return out
+
+
+def _mean_grid(a: dict, b: dict) -> dict:
+    """The grid of two runs' samples together: the mean of two equal-sized runs' scores."""
+    return {
+        **a,
+        "kinds": {
+            k: {"scores": (np.asarray(a["kinds"][k]["scores"]) + b["kinds"][k]["scores"]) / 2}
+            for k in a["kinds"]
+        },
+    }
+
+
+def compare_seeds(lm, facts, n, cache_dir, kw, seed, log=print) -> dict:
+    """The exact grid against itself under other noise draws (`seed`), on the first `n` facts
+    whose seed-0 grid is cached in `cache_dir`: the same agreement numbers as `compare_atp`.
+    It measures how far the grid's cell ranks and its argmax at the last subject token are
+    fixed by the fact rather than by the noise sample: the agreement an estimator of one
+    seed's grid could show with a re-run under another. Beside it, on the same facts: AtP
+    against the exact grid with one seed's samples and with both seeds' (twice the samples),
+    which shows whether more samples bring the two closer."""
+    from jaxedit.locate import atp
+
+    rows = []
+    for i, fact in enumerate(facts):
+        if len(rows) >= n:
+            break
+        path = os.path.join(cache_dir, f"exact-{i:04d}.json")
+        if not os.path.exists(path):
+            continue
+        ex = _exact_cached(lm, fact, path, kw)
+        if "skipped" in ex:
+            continue
+        kw_s = {**kw, "seed": seed}
+        other = _exact_cached(
+            lm, fact, os.path.join(cache_dir, f"exact-seed{seed}-{i:04d}.json"), kw_s
+        )
+        est = atp.atp_trace(lm, fact["prompt"], fact["subject"], **kw)
+        est_s = atp.atp_trace(lm, fact["prompt"], fact["subject"], **kw_s)
+        row = {
+            "index": i,
+            "subject": fact["subject"],
+            "exact_vs_reseeded": _grid_agreement(ex, other, "reseeded"),
+            "atp_vs_exact": _grid_agreement(ex, est),
+            "atp_vs_exact_both_seeds": _grid_agreement(
+                _mean_grid(ex, other), _mean_grid(est, est_s)
+            ),
+        }
+        rows.append(row)
+        log(
+            f"fact {i} ({len(rows)}/{n}) seed 0 vs {seed}: "
+            + ", ".join(
+                f"{k} rho {row['exact_vs_reseeded'][k]['spearman']:.2f} (AtP "
+                f"{row['atp_vs_exact'][k]['spearman']:.2f}, both seeds "
+                f"{row['atp_vs_exact_both_seeds'][k]['spearman']:.2f})"
+                for k in tr.KINDS
+            )
+        )
+
+    def summary(key, name="atp"):
+        return _per_kind_summary([r[key] for r in rows], name)
+
+    return {
+        "n_facts": len(rows),
+        "seeds": [0, seed],
+        "settings": {k: v for k, v in kw.items() if k not in ("kinds", "seed")},
+        "cells": "rows from the first subject token on, every layer",
+        "per_kind": summary("exact_vs_reseeded", "reseeded"),
+        "atp_vs_exact_same_facts": summary("atp_vs_exact"),
+        "atp_vs_exact_both_seeds": summary("atp_vs_exact_both_seeds"),
+        "facts": rows,
+    }
 
 
 def _merge_json(path: str, key: str, value) -> None:
@@ -264,6 +366,13 @@ def main():
         help="the key of trace.json the comparison is written under",
     )
     p.add_argument(
+        "--reseed",
+        type=int,
+        default=0,
+        help="with --atp-facts N: instead of AtP, the exact grid under noise seed RESEED against "
+        "the cached seed-0 grids of the first N facts (key 'exact_vs_exact_reseeded')",
+    )
+    p.add_argument(
         "--atp-cached-only",
         action="store_true",
         help="compare on the facts whose exact grid is already in --atp-cache only",
@@ -282,6 +391,14 @@ def main():
             if log_file:
                 log_file.write(line + "\n")
 
+        if args.reseed:
+            result = compare_seeds(
+                lm, facts, args.atp_facts, args.atp_cache, kw, args.reseed, log=log
+            )
+            result.update(model=lm.name, data=os.path.basename(args.atp_data))
+            _merge_json(os.path.join(args.out, "trace.json"), "exact_vs_exact_reseeded", result)
+            print(json.dumps({k: v for k, v in result.items() if k != "facts"}, indent=1))
+            return
         atp_kw = {"ig_steps": args.atp_ig_steps}
         result = compare_atp(
             lm, facts, args.atp_facts, args.atp_cache, kw, log=log, atp_kw=atp_kw,
@@ -410,7 +527,7 @@ def main():
         with open(path) as f:
             previous = json.load(f)
         for key, value in previous.items():
-            if key.startswith("atp_vs_exact"):
+            if key.startswith(("atp_vs_exact", "exact_vs_exact")):
                 result[key] = value
     with open(path + ".tmp", "w") as f:
         json.dump(result, f, indent=1)
