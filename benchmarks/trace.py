@@ -369,8 +369,9 @@ def main():
         "--reseed",
         type=int,
         default=0,
-        help="with --atp-facts N: instead of AtP, the exact grid under noise seed RESEED against "
-        "the cached seed-0 grids of the first N facts (key 'exact_vs_exact_reseeded')",
+        help="with --atp-facts N: the exact grid under noise seed RESEED against the cached "
+        "seed-0 grids of the first N facts, and AtP against both seeds' grids (key "
+        "'exact_vs_exact_reseeded')",
     )
     p.add_argument(
         "--atp-cached-only",
@@ -396,6 +397,7 @@ def main():
                 lm, facts, args.atp_facts, args.atp_cache, kw, args.reseed, log=log
             )
             result.update(model=lm.name, data=os.path.basename(args.atp_data))
+            os.makedirs(args.out, exist_ok=True)
             _merge_json(os.path.join(args.out, "trace.json"), "exact_vs_exact_reseeded", result)
             print(json.dumps({k: v for k, v in result.items() if k != "facts"}, indent=1))
             return
