@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -39,6 +40,7 @@ import numpy as np
 from jaxedit import compile_cache
 from jaxedit.io.checkpoint import load, save_hf
 from jaxedit.locate import trace as tr
+from jaxedit.methods.mend.checkpoint import write_json_atomic  # temp file, then os.replace
 
 
 def torch_loop(lm, ids, subject_range, eps, answer, cells, window) -> dict:
@@ -103,10 +105,7 @@ def _exact_cached(lm, fact, path, kw) -> dict:
         r = tr.trace(lm, fact["prompt"], fact["subject"], expect=fact["expect"], **kw)
     out = {"skipped": "wrong clean prediction"} if r is None else tr.to_json(r)
     out["timing"] = clock.as_dict()
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f)
-    os.replace(tmp, path)
+    write_json_atomic(Path(path), out)
     return out
 
 
@@ -168,11 +167,8 @@ def _per_kind_summary(rows: list[dict], name: str = "atp") -> dict:
                 kind, lambda x: abs(x["argmax_exact"] - x[f"argmax_{name}"]) < 2
             ),
             **{
-                f"exact_argmax_in_top{k}": mean(
-                    kind, lambda x, k=k: x.get(f"exact_argmax_in_top{k}")
-                )
+                f"exact_argmax_in_top{k}": mean(kind, lambda x, k=k: x[f"exact_argmax_in_top{k}"])
                 for k in TOP_K
-                if all(f"exact_argmax_in_top{k}" in r[kind] for r in rows)
             },
         }
         for kind in tr.KINDS
@@ -334,10 +330,7 @@ def _merge_json(path: str, key: str, value) -> None:
         with open(path) as f:
             data = json.load(f)
     data[key] = value
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(Path(path), data)
 
 
 def main():
@@ -531,9 +524,7 @@ def main():
         for key, value in previous.items():
             if key.startswith(("atp_vs_exact", "exact_vs_exact")):
                 result[key] = value
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(Path(path), result)
     with open(os.path.join(args.out, "trace_example.json"), "w") as f:
         json.dump(tr.to_json(warm), f)
     print(json.dumps(result, indent=1))
