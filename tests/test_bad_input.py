@@ -301,8 +301,9 @@ def test_eval_failure_leaves_no_default_out(eval_tiny, data_dir, capsys, monkeyp
 
     monkeypatch.setattr(runner, "measure_general", boom)
     data = os.path.join(data_dir, "counterfact", "counterfact-edit.json")
-    refused(capsys, ["eval", "--data", data, "--n", "2"], "the general block failed")
-    refused(capsys, ["eval", "--data", data, "--n", "2", "--out", "o"], "the general block")
+    argv = ["eval", "--data", data, "--n", "2", "--known-facts-unfiltered"]
+    refused(capsys, argv, "the general block failed")
+    refused(capsys, [*argv, "--out", "o"], "the general block")
 
 
 # ----------------------------------------------------------------------------- --resume --n

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import jax
@@ -396,7 +397,16 @@ def test_cli_missing_and_empty_data(tmp_path, capsys):
 def test_cli_none_on_counterfact(cli_tiny, data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["eval", "--data", cf(data_dir), "--n", "3", "--out", str(out), "--no-progress"]
-    assert cli.main([*args, "--json"]) == 0
+    args += ["--cache-dir", str(tmp_path / "cache")]
+    # A random model knows none of the candidate facts: no known_facts_acc, and it says so
+    assert cli.main([*args, "--n-known-facts", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert "known_facts_acc" not in res["general"]["edited"]
+    assert res["general_setup"]["n_known_facts"] == 0
+    assert "0 known to the unedited model of 80 scored" in res["general_setup"]["known_facts"]
+    shutil.rmtree(out)
+    # unfiltered (the measure of earlier runs): 200 other records of the file
+    assert cli.main([*args, "--known-facts-unfiltered", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["method"] == "none" and res["n"] == 3 and res["hparams"] == {}
     assert res["metrics"]["efficacy_score"]["n"] == 3

@@ -16,7 +16,7 @@ import pytest
 from jaxedit import methods
 from jaxedit.edits import ContextEdit, WeightDelta, WeightEdit, apply
 from jaxedit.errors import InputError
-from jaxedit.eval import datasets, general, report, runner
+from jaxedit.eval import datasets, general, report, runner, scoring
 from jaxedit.eval.general import GeneralSuite
 from jaxedit.eval.generation import Decoding, generate_texts
 from jaxedit.eval.metrics import fluency
@@ -138,6 +138,32 @@ def test_load_known_facts(data_dir, tmp_path):
     bad.write_text(json.dumps([{"question": "x"}]))
     with pytest.raises(InputError, match="cannot tell the data format"):
         general.load_known_facts(bad)
+
+
+def test_known_to_keeps_the_facts_the_model_completes(smollm, tmp_path, monkeypatch):
+    """`known_to` keeps exactly the candidates whose every answer token is the model's argmax,
+    in order, stops scoring once it has `n`, and `cached_known_to` reads back what it wrote."""
+    real = [(r.rewrite_prompt, r.target_true) for r in facts.FACTS[:6]]
+    cands = real + [(p, "Zyqxwv Plorth") for p, _ in real[:3]]
+    s = scoring.score_targets(smollm, [p for p, _ in cands], [a for _, a in cands])
+    want = [f for f, acc in zip(cands, s.token_acc, strict=True) if acc == 1.0]
+    assert 2 <= len(want) < len(cands)  # the model knows some of the facts, not the nonsense
+    assert general.known_to(smollm, cands, n=100, chunk=4) == (want, len(cands))
+    got, scored = general.known_to(smollm, cands, n=1, chunk=1)
+    assert got == want[:1] and scored == cands.index(want[0]) + 1  # stops at the first known
+    assert general.known_to(smollm, cands, n=100, max_scored=2)[1] == 2
+    assert general.known_facts_accuracy(smollm, want) == 1.0
+    with pytest.raises(InputError, match="must be positive"):
+        general.known_to(smollm, cands, n=0)
+
+    assert general.cached_known_to(smollm, cands, 100, tmp_path) == (want, len(cands))
+    (entry,) = (tmp_path / "known_facts").iterdir()
+    monkeypatch.setattr(general, "known_to", lambda *a: pytest.fail("not read from the cache"))
+    assert general.cached_known_to(smollm, cands, 100, tmp_path) == (want, len(cands))
+    entry.write_text("{not json")  # a damaged entry is recomputed and rewritten
+    monkeypatch.undo()
+    assert general.cached_known_to(smollm, cands, 100, tmp_path) == (want, len(cands))
+    assert json.loads(entry.read_text())["scored"] == len(cands)
 
 
 def test_suite_checks_and_names(tmp_path):

@@ -466,12 +466,23 @@ def test_cli_general_flags(cli_tiny, data_dir, tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(runner, "evaluate", lambda *a, **kw: seen.update(kw) or {"n": 0})
     base = ["eval", "--data", cf(data_dir), "--n", "3", "--out", str(tmp_path / "o"), "--json"]
-    assert cli.main(base) == 0
+    base += ["--cache-dir", str(tmp_path / "cache")]
+    assert cli.main(base) == 0  # by default: candidates, for the runner to filter
+    suite = seen["general"]
+    assert suite.known_n == general.N_KNOWN_FACTS and len(suite.facts) > 1000
+    assert "not edited" in suite.facts_source and suite.cache_dir == str(tmp_path / "cache")
+    firsts = {r.rewrite_prompt for r in datasets.load(cf(data_dir), n=3).requests}
+    assert not firsts & {p for p, _ in suite.facts}
+    kept = [suite.facts[5]]
+    monkeypatch.setattr(general, "known_to", lambda lm, cands, n: (kept, 7))
+    got = general.with_known_facts(suite, cli_tiny)
+    assert got.facts == tuple(kept) and got.known_n is None
+    assert got.facts_source.endswith("1 known to the unedited model of 7 scored")
+    assert cli.main([*base, "--known-facts-unfiltered"]) == 0
     suite = seen["general"]
     assert suite.ppl_name == "wikitext_ppl" and suite.max_tokens == general.PPL_TOKENS
     assert len(suite.facts) == general.N_KNOWN_FACTS and "not edited" in suite.facts_source
-    firsts = {r.rewrite_prompt for r in datasets.load(cf(data_dir), n=3).requests}
-    assert not firsts & {p for p, _ in suite.facts}
+    assert suite.known_n is None
     corpus = tmp_path / "c.txt"
     corpus.write_text("Some other text to measure the perplexity of, long enough.")
     known = os.path.join(data_dir, "counterfact", "known_1000.json")
@@ -484,6 +495,7 @@ def test_cli_general_flags(cli_tiny, data_dir, tmp_path, monkeypatch):
         known,
         "--n-known-facts",
         "30",
+        "--known-facts-unfiltered",
     ]
     assert cli.main([*base, *flags]) == 0
     suite = seen["general"]

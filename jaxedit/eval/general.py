@@ -17,10 +17,14 @@ CPU cores):
 - `known_facts_acc`: accuracy on facts the model should keep, EasyEdit's teacher-forced token
   accuracy: for each (prompt, answer) the fraction of answer tokens (`" " + answer`, the
   leading-space rule of `jaxedit.eval.scoring`) whose argmax given the prompt and the previous
-  answer tokens is that token, averaged over facts (`metrics.token_accuracy`). The facts are a
-  seeded sample of 200 records of the evaluated data file that the run does not edit (prompt
-  -> target_true), or of a file of known facts (ROME's `known_1000.json`: prompt ->
-  attribute) with `--known-facts`.
+  answer tokens is that token, averaged over facts (`metrics.token_accuracy`). The candidate
+  facts are the records of the evaluated data file that the run does not edit (prompt ->
+  target_true), or a file of known facts (ROME's `known_1000.json`: prompt -> attribute) with
+  `--known-facts`, in a seeded order; `known_to` keeps the first 200 that the *unedited* model
+  knows (every answer token its argmax: it completes the answer greedily), so the unedited
+  accuracy is 1 and the edited one says how much of them the edit kept. (Unfiltered, as
+  `jaxedit eval --known-facts-unfiltered`, SmolLM2-135M's accuracy on CounterFact records is
+  ~0.09: a ratio of two small, noisy numbers.)
 - `fluency`: ROME's generation entropy (`metrics.fluency`: mean over texts of (2/3 H_2 + 4/3
   H_3) / 2 of word n-grams, bits) of greedy texts from 8 fixed prompts, 48 tokens per text
   with the prompt included (about 40 new tokens). Greedy, not ROME's top-k 5 sampling, so that
@@ -34,7 +38,11 @@ unedited model), not a mean over all edited models.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -85,12 +93,16 @@ class GeneralSuite:
     """What general ability is measured on: a text, facts, fluency prompts and their sizes.
 
     `facts` may be empty (no `known_facts_acc`); `text_source` / `facts_source` say where they
-    come from (results.json records them)."""
+    come from (results.json records them). With `known_n`, `facts` are candidates: the runner
+    keeps the first `known_n` the unedited model knows (`with_known_facts`, cached under
+    `cache_dir`, default the statistics cache) before it measures anything."""
 
     text: str
     text_source: str = f"jaxedit/data/{WIKITEXT_SLICE}"
     facts: tuple[Fact, ...] = ()
     facts_source: str = ""
+    known_n: int | None = None
+    cache_dir: str | None = field(default=None, repr=False)
     prompts: tuple[str, ...] = FLUENCY_PROMPTS
     window: int = PPL_WINDOW
     max_tokens: int = PPL_TOKENS
@@ -104,6 +116,8 @@ class GeneralSuite:
             raise InputError(f"perplexity text {self.text_source} is empty")
         if not self.prompts or self.fluency_length < 2:
             raise InputError("fluency needs prompts and texts of at least 2 tokens")
+        if self.known_n is not None and self.known_n <= 0:
+            raise InputError(f"the number of known facts must be positive, got {self.known_n}")
 
     @classmethod
     def default(cls, facts: Sequence[Fact] = (), facts_source: str = "", **kw) -> GeneralSuite:
@@ -145,12 +159,13 @@ def facts_from_requests(
     requests: Sequence[EditRequest],
     edited: Sequence[EditRequest] = (),
     *,
-    n: int = N_KNOWN_FACTS,
+    n: int | None = N_KNOWN_FACTS,
     seed: int = KNOWN_FACTS_SEED,
 ) -> list[Fact]:
-    """(rewrite prompt, target_true) of up to `n` requests (a seeded sample, in file order)
-    that have a target_true and are not `edited`: neither their case_id nor their rewrite
-    prompt is one of the edited requests' (an edit is meant to change that prompt's answer)."""
+    """(rewrite prompt, target_true) of up to `n` requests (a seeded sample, in file order;
+    `n=None`: all of them in a seeded order) that have a target_true and are not `edited`:
+    neither their case_id nor their rewrite prompt is one of the edited requests' (an edit is
+    meant to change that prompt's answer)."""
     skip_ids = {str(r.case_id) for r in edited}
     seen = {r.rewrite_prompt for r in edited}
     pool = []
@@ -162,11 +177,12 @@ def facts_from_requests(
 
 
 def load_known_facts(
-    path: str | Path, *, n: int = N_KNOWN_FACTS, seed: int = KNOWN_FACTS_SEED
+    path: str | Path, *, n: int | None = N_KNOWN_FACTS, seed: int = KNOWN_FACTS_SEED
 ) -> list[Fact]:
-    """Up to `n` facts (seeded sample, in file order) of a known-facts file: records with
-    `prompt` and an answer field (`ANSWER_KEYS`, e.g. ROME's known_1000.json: attribute), or
-    any editing data set (`jaxedit.eval.datasets`: rewrite prompt -> target_true)."""
+    """Up to `n` facts (seeded sample, in file order; `n=None`: every fact, in a seeded order)
+    of a known-facts file: records with `prompt` and an answer field (`ANSWER_KEYS`, e.g.
+    ROME's known_1000.json: attribute), or any editing data set (`jaxedit.eval.datasets`:
+    rewrite prompt -> target_true)."""
     records = read_records(path)
     first = records[0]
     if isinstance(first, dict) and "prompt" in first and any(k in first for k in ANSWER_KEYS):
@@ -185,13 +201,95 @@ def load_known_facts(
     return facts_from_requests(datasets.load(path, skip_bad=True).requests, n=n, seed=seed)
 
 
-def _sample(pool: list[Fact], n: int, seed: int) -> list[Fact]:
+def _sample(pool: list[Fact], n: int | None, seed: int) -> list[Fact]:
+    if n is None:  # every fact, in a seeded order (candidates for `known_to`)
+        return [pool[i] for i in random.Random(seed).sample(range(len(pool)), len(pool))]
     if n <= 0:
         raise InputError(f"the number of known facts must be positive, got {n}")
     if len(pool) <= n:
         return pool
     keep = sorted(random.Random(seed).sample(range(len(pool)), n))
     return [pool[i] for i in keep]
+
+
+def known_to(
+    lm: LanguageModel,
+    candidates: Sequence[Fact],
+    n: int = N_KNOWN_FACTS,
+    *,
+    chunk: int = 512,
+    max_scored: int | None = None,
+) -> tuple[list[Fact], int]:
+    """The first `n` candidate facts that `lm` knows, in the candidates' order, and how many
+    candidates were scored to find them.
+
+    Known: teacher-forced token accuracy 1, every answer token the argmax after the prompt and
+    the answer so far (so `lm`'s greedy continuation starts with the answer). Candidates are
+    scored `chunk` at a time until `n` are found or `max_scored` (default 40 n: SmolLM2-135M
+    knows ~1 in 26 CounterFact records) have been scored; fewer than `n` (possibly none, for a
+    model that knows nothing, such as a random one) when they run out."""
+    if n <= 0:
+        raise InputError(f"the number of known facts must be positive, got {n}")
+    limit = min(len(candidates), 40 * n if max_scored is None else max_scored)
+    kept: list[Fact] = []
+    scored = 0
+    while len(kept) < n and scored < limit:
+        part = list(candidates[scored : min(scored + chunk, limit)])
+        scored += len(part)
+        # a fact longer than the model's context cannot be one it knows
+        p_ids, t_ids = scoring.encode_queries(lm.tokenizer, *zip(*part, strict=True))
+        sizes = [len(p) + len(t) for p, t in zip(p_ids, t_ids, strict=True)]
+        part = [f for f, k in zip(part, sizes, strict=True) if k <= lm.config.max_positions]
+        if part:
+            s = scoring.score_targets(lm, [p for p, _ in part], [a for _, a in part])
+            kept += [f for f, acc in zip(part, s.token_acc, strict=True) if acc == 1.0]
+    return kept[:n], scored
+
+
+def cached_known_to(
+    lm: LanguageModel,
+    candidates: Sequence[Fact],
+    n: int = N_KNOWN_FACTS,
+    cache_dir: str | Path | None = None,
+) -> tuple[list[Fact], int]:
+    """`known_to`, remembered in `<cache_dir>/known_facts/` (default: the statistics cache
+    directory), one JSON file per (model fingerprint, candidates, n): finding 200 facts
+    SmolLM2-135M knows scores ~5,000 candidates, a minute or more on two CPU cores, for every
+    run otherwise. A file that does not parse or names another key is ignored and rewritten
+    (atomically)."""
+    from jaxedit.io.atomic import write_bytes_atomic
+    from jaxedit.stats import default_cache_dir, model_fingerprint
+
+    key = {"version": 1, "model": model_fingerprint(lm), "n": n, "candidates": candidates}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    path = Path(cache_dir or default_cache_dir()) / "known_facts" / f"{digest}.json"
+    try:
+        hit = json.loads(path.read_text(encoding="utf-8"))
+        if hit["key"] == digest:
+            return [(str(p), str(a)) for p, a in hit["facts"]], int(hit["scored"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or unreadable: compute it again
+    facts, scored = known_to(lm, candidates, n)
+    record = {"key": digest, "facts": facts, "scored": scored}
+    write_bytes_atomic(path, json.dumps(record).encode("utf-8"))
+    return facts, scored
+
+
+def with_known_facts(suite: GeneralSuite, lm: LanguageModel) -> GeneralSuite:
+    """`suite` with only the first `known_n` candidate facts that the unedited `lm` knows
+    (unchanged without `known_n`); fewer, with a line on stderr, when the candidates run out."""
+    if suite.known_n is None or not suite.facts:
+        return suite
+    facts, scored = cached_known_to(lm, suite.facts, suite.known_n, suite.cache_dir)
+    if len(facts) < suite.known_n:
+        lack = "; known_facts_acc is not measured" if not facts else ""
+        print(
+            f"jaxedit: the unedited model knows {len(facts)} of {scored} candidate facts "
+            f"({suite.known_n} asked){lack}",
+            file=sys.stderr,
+        )
+    source = f"{suite.facts_source}: {len(facts)} known to the unedited model of {scored} scored"
+    return dataclasses.replace(suite, facts=tuple(facts), facts_source=source, known_n=None)
 
 
 # ----------------------------------------------------------------------------- measures

@@ -75,7 +75,7 @@ from jaxedit.errors import CheckpointError, InputError
 from jaxedit.eval import report
 from jaxedit.eval.datasets import group_cases
 from jaxedit.eval.datasets.snippets import AttributeSnippets
-from jaxedit.eval.general import GeneralSuite, measure_general
+from jaxedit.eval.general import GeneralSuite, measure_general, with_known_facts
 from jaxedit.eval.generation import Decoding, generation_metrics
 from jaxedit.eval.measure import (
     GEN_MARGIN,
@@ -655,6 +655,8 @@ def evaluate(
     """
     suite = GeneralSuite.default() if general is True else (general or None)
     _check(mode, requests, resume, generation, snippets, every, batch_size)
+    if suite is not None:  # known facts: the candidates the unedited model knows
+        suite = with_known_facts(suite, lm)
     t_start = time.time()
     groups = group_cases(list(requests))
     flat = [r for g in groups for r in g]

@@ -21,7 +21,7 @@ model; `--every K` rounds a curve point; resumable with `--resume` from the chec
 after every round) and `batch` (`method.compute` per chunk of `--batch-size` requests, each
 chunk from the unedited model, stateless). Every run measures general ability, unedited vs
 edited (`jaxedit.eval.general`: WikiText-2 perplexity, accuracy on 200 records of the data
-file that the run does not edit, fluency); `--no-general` skips it.
+file that the run does not edit and the unedited model knows, fluency); `--no-general` skips it.
 """
 
 from __future__ import annotations
@@ -137,6 +137,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=general.N_KNOWN_FACTS,
         help=f"known facts measured (seeded sample; default {general.N_KNOWN_FACTS})",
     )
+    k.add_argument(
+        "--known-facts-unfiltered",
+        action="store_true",
+        help="sample the known facts without asking whether the unedited model knows them "
+        "(the measure of runs before this option; default: only facts it completes greedily)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--compare",
@@ -197,7 +203,9 @@ def _general(args, ds: datasets.Dataset) -> general.GeneralSuite | None:
         return None
     if args.n_known_facts <= 0 or args.ppl_tokens < 2:
         raise InputError("--n-known-facts must be positive and --ppl-tokens at least 2")
-    n = args.n_known_facts
+    # Filtered (default): every candidate in a seeded order; the runner keeps the first n that
+    # the unedited model knows (`general.with_known_facts`).
+    n = args.n_known_facts if args.known_facts_unfiltered else None
     if args.known_facts:
         facts, source = general.load_known_facts(args.known_facts, n=n), args.known_facts
     else:
@@ -205,6 +213,8 @@ def _general(args, ds: datasets.Dataset) -> general.GeneralSuite | None:
         facts = general.facts_from_requests(every, ds.requests, n=n)
         source = f"{ds.path} (records not edited, seed {general.KNOWN_FACTS_SEED})"
     kw = {"facts": tuple(facts), "facts_source": source, "max_tokens": args.ppl_tokens}
+    if not args.known_facts_unfiltered:
+        kw |= {"known_n": args.n_known_facts, "cache_dir": args.cache_dir}
     if args.ppl_corpus:
         return general.GeneralSuite.from_file(args.ppl_corpus, **kw)
     return general.GeneralSuite.default(**kw)
