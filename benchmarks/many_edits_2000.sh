@@ -9,7 +9,10 @@
 # of 2e-2 (the null space then holds 2-8 % of the keys' energy instead of 38-59 %), -ns1e-2: 1e-2
 # (14-30 %); -np10: norm_penalty 10 (the accumulated change since W0 is penalised too).
 # Resumable: rerun the same line and it continues from the last finished round
-# (runs/many/<name>-2000/lifelong). Pinned to core(s) ${CORE:-0} (e.g. CORE=0,1), niced; EVERY=k for a curve point every k rounds.
+# (runs/many/<name>-2000/lifelong), on the same machine: run directories do not survive a new one.
+# Pinned to core(s) ${CORE:-0} (e.g. CORE=0,1), niced; EVERY=k: a curve point every k rounds;
+# EXTRA="..." adds eval flags (--known-facts-unfiltered: the known-facts measure of the runs
+# before that filter, to compare with them).
 set -e
 cd "$(dirname "$0")/.."
 name=${1:?usage: many_edits_2000.sh alphaedit|alphaedit-mpes|alphaedit-mpes-wiki(-ns5e-3|-ns1e-2|-np10)|ft-l|memit|rome}
@@ -36,4 +39,4 @@ out=runs/many/$name-2000
 resume=""; [ -d "$out" ] && resume="--resume"
 exec taskset -c "${CORE:-0}" nice -n 10 .venv/bin/python -m jaxedit eval $args \
   --data ../shared/data/counterfact/counterfact-edit.json --n 2960 --known-only --max-cases 2000 \
-  --mode sequential --batch-size 100 --every ${EVERY:-2} --no-progress --out "$out" $resume
+  --mode sequential --batch-size 100 --every ${EVERY:-2} --no-progress --out "$out" $resume ${EXTRA:-}
