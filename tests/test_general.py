@@ -160,10 +160,12 @@ def test_known_to_keeps_the_facts_the_model_completes(smollm, tmp_path, monkeypa
     (entry,) = (tmp_path / "known_facts").iterdir()
     monkeypatch.setattr(general, "known_to", lambda *a: pytest.fail("not read from the cache"))
     assert general.cached_known_to(smollm, cands, 100, tmp_path) == (want, len(cands))
-    entry.write_text("{not json")  # a damaged entry is recomputed and rewritten
     monkeypatch.undo()
-    assert general.cached_known_to(smollm, cands, 100, tmp_path) == (want, len(cands))
-    assert json.loads(entry.read_text())["scored"] == len(cands)
+    bad = json.loads(entry.read_text()) | {"facts": [["Paris is in", "Texas"]]}
+    for damaged in ("{not json", json.dumps(bad)):  # recomputed and rewritten
+        entry.write_text(damaged)
+        assert general.cached_known_to(smollm, cands, 100, tmp_path) == (want, len(cands))
+        assert json.loads(entry.read_text())["facts"] == [list(f) for f in want]
 
 
 def test_suite_checks_and_names(tmp_path):

@@ -255,8 +255,8 @@ def cached_known_to(
     """`known_to`, remembered in `<cache_dir>/known_facts/` (default: the statistics cache
     directory), one JSON file per (model fingerprint, candidates, n): finding 200 facts
     SmolLM2-135M knows scores ~5,000 candidates, a minute or more on two CPU cores, for every
-    run otherwise. A file that does not parse or names another key is ignored and rewritten
-    (atomically)."""
+    run otherwise. A file that does not parse, names another key or holds facts that are not
+    candidates is ignored and rewritten (atomically)."""
     from jaxedit.io.atomic import write_bytes_atomic
     from jaxedit.stats import default_cache_dir, model_fingerprint
 
@@ -265,8 +265,9 @@ def cached_known_to(
     path = Path(cache_dir or default_cache_dir()) / "known_facts" / f"{digest}.json"
     try:
         hit = json.loads(path.read_text(encoding="utf-8"))
-        if hit["key"] == digest:
-            return [(str(p), str(a)) for p, a in hit["facts"]], int(hit["scored"])
+        facts = [(p, a) for p, a in hit["facts"]]
+        if hit["key"] == digest and len(facts) <= n and set(facts) <= set(candidates):
+            return facts, int(hit["scored"])
     except (OSError, ValueError, KeyError, TypeError):
         pass  # absent or unreadable: compute it again
     facts, scored = known_to(lm, candidates, n)
