@@ -54,9 +54,11 @@ from jaxedit.errors import InputError
 from jaxedit.eval import metrics, prefix_cache, scoring
 from jaxedit.eval.datasets import detect_format, read_records
 from jaxedit.eval.generation import Decoding, generate_texts
+from jaxedit.io.atomic import write_text_atomic
 from jaxedit.io.text import read_text
 from jaxedit.models.lm import LanguageModel
 from jaxedit.requests import EditRequest
+from jaxedit.stats import default_cache_dir, model_fingerprint
 
 WIKITEXT_SLICE = "wikitext2_test_slice.txt"
 PPL_WINDOW = 256
@@ -257,9 +259,6 @@ def cached_known_to(
     SmolLM2-135M knows scores ~5,000 candidates, a minute or more on two CPU cores, for every
     run otherwise. A file that does not parse, names another key or holds facts that are not
     candidates is ignored and rewritten (atomically)."""
-    from jaxedit.io.atomic import write_bytes_atomic
-    from jaxedit.stats import default_cache_dir, model_fingerprint
-
     key = {"version": 1, "model": model_fingerprint(lm), "n": n, "candidates": candidates}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     path = Path(cache_dir or default_cache_dir()) / "known_facts" / f"{digest}.json"
@@ -272,7 +271,7 @@ def cached_known_to(
         pass  # absent or unreadable: compute it again
     facts, scored = known_to(lm, candidates, n)
     record = {"key": digest, "facts": facts, "scored": scored}
-    write_bytes_atomic(path, json.dumps(record).encode("utf-8"))
+    write_text_atomic(path, json.dumps(record))
     return facts, scored
 
 
