@@ -58,6 +58,8 @@ def test_perplexity_equals_a_hand_computation(tiny):
     want = float(np.exp(np.mean(nll)))
     got = general.perplexity(tiny, TEXT, window=16, max_tokens=40)
     assert got == pytest.approx(want, rel=1e-4)
+    # token by token, in order (what benchmarks/collateral.py splits perplexity with)
+    np.testing.assert_allclose(general.token_nll(tiny, ids, window=16), nll, rtol=1e-4, atol=1e-5)
     # the cap counts tokens of the text: 32 tokens = the first two windows only
     two = float(np.exp(np.mean(nll[:30])))
     assert general.perplexity(tiny, TEXT, window=16, max_tokens=32) == pytest.approx(two, rel=1e-4)

@@ -300,6 +300,14 @@ def perplexity(
 ) -> float:
     """exp(mean NLL) of the text's tokens (windows as in the module docstring)."""
     ids = lm.tokenizer.encode_continuation(text)[:max_tokens]
+    return float(np.exp(token_nll(lm, ids, window=window).mean()))
+
+
+def token_nll(lm: LanguageModel, ids: Sequence[int], *, window: int = PPL_WINDOW) -> np.ndarray:
+    """NLL of every predicted token of `ids`, float64 [N]: non-overlapping windows of `window`
+    tokens, each token but a window's first predicted from the window's earlier tokens (after
+    the model's prefix), in order."""
+    ids = list(ids)
     windows = [w for w in (ids[i : i + window] for i in range(0, len(ids), window)) if len(w) > 1]
     if not windows:
         raise InputError("perplexity needs a text of at least 2 tokens")
@@ -312,7 +320,7 @@ def perplexity(
         use_cache=cached,
         max_rows=PPL_ROWS,
     )
-    return float(np.exp(-np.concatenate(logprobs).astype(np.float64).mean()))
+    return -np.concatenate(logprobs).astype(np.float64)
 
 
 def _prefix(lm: LanguageModel, window: int) -> tuple[list[int], bool]:

@@ -1,0 +1,151 @@
+"""Where the collateral damage of many edits lands, on the models that sequential runs left in
+their last checkpoint (`runs/many/<name>/lifelong/round-*/`).
+
+Perplexity is one number; this splits it. For the general block's text (the shipped WikiText-2
+slice, its 2,048 tokens in 256-token windows, as `general.perplexity`) it takes the increase in
+each token's NLL, edited − unedited, and reports how concentrated the increase is (the share
+of the total carried by the top 1 / 5 / 10 % of tokens), the share carried by tokens that follow
+a capitalised word (the position whose key the MLP reads is then inside a name: where an edit's
+subject keys live), against those tokens' share of the text, and the largest increases with
+their context. For the known facts (the 200 records the unedited model completes greedily,
+`general.cached_known_to`, as `jaxedit eval` picks them) it reports how many the edited model
+no longer completes, and what it predicts first instead: an edited request's new object, or
+something else (a function word, another entity).
+
+    uv run python benchmarks/collateral.py alphaedit-mpes-wiki-ns1e-2-2000 \\
+        [--data ../shared/data/counterfact/counterfact-edit.json --n 2960] [--top 20] \\
+        [--out benchmarks/results/many_edits_2000.json]
+
+`--n` must be the run's (the candidates exclude the records it read). Writes the key
+`collateral` (one entry per run, merged) into the output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from machine import machine
+
+import jaxedit as je
+from jaxedit.edits import apply, load_edit
+from jaxedit.eval import datasets, general, scoring
+from jaxedit.eval.generation import greedy_ids
+from jaxedit.methods.mend.checkpoint import write_json_atomic
+
+OUT = Path(__file__).parent / "results" / "many_edits_2000.json"
+FUNCTION_WORDS = {"the", "a", "an", "of", "in", "to", "and", "is", "that", "it", "this", "its"}
+
+
+def after_capitalised(tok, ids: list[int], window: int) -> np.ndarray:
+    """For each predicted token: does the token before it belong to a capitalised word?"""
+    pieces = [tok.decode([i]) for i in ids]
+    word_caps, cap = [], False
+    for p in pieces:
+        if p[:1].isspace() or not word_caps:  # a token that starts a word
+            cap = p.strip()[:1].isupper()
+        word_caps.append(cap)
+    flags = []
+    for start in range(0, len(ids), window):
+        w = range(start, min(start + window, len(ids)))
+        flags += [word_caps[i - 1] for i in list(w)[1:]]
+    return np.array(flags)
+
+
+def text_damage(lm, edited, window: int, max_tokens: int, top: int) -> dict:
+    tok = lm.tokenizer
+    ids = tok.encode_continuation(general.default_text())[:max_tokens]
+    delta = general.token_nll(edited, ids, window=window) - general.token_nll(
+        lm, ids, window=window
+    )
+    caps = after_capitalised(tok, ids, window)
+    predicted = [t for s in range(0, len(ids), window) for t in ids[s + 1 : s + window]]
+    total = delta.sum()
+    ranked = np.sort(delta)[::-1]
+    largest = []
+    for i in np.argsort(-delta)[:top]:
+        k = i + (i // (window - 1)) + 1  # index of the predicted token in `ids`
+        largest.append(
+            {
+                "dnll": round(float(delta[i]), 3),
+                "context": tok.decode(ids[max(0, k - 8) : k]),
+                "token": tok.decode([predicted[i]]),
+            }
+        )
+    return {
+        "tokens": int(delta.size),
+        "ppl_ratio": float(np.exp(delta.mean())),
+        "share_of_increase_in_top": {
+            f"{q:.0%}": float(ranked[: max(1, int(q * delta.size))].sum() / total)
+            for q in (0.01, 0.05, 0.10)
+        },
+        "tokens_after_capitalised_word": float(caps.mean()),
+        "their_share_of_increase": float(delta[caps].sum() / total),
+        "largest": largest,
+    }
+
+
+def fact_damage(lm, edited, facts, new_objects: set[str]) -> dict:
+    prompts, answers = [p for p, _ in facts], [a for _, a in facts]
+    acc = scoring.score_targets(edited, prompts, answers).token_acc
+    firsts = [lm.tokenizer.decode(g).strip() for g in greedy_ids(edited, prompts, [1] * len(facts))]
+    lost = [(f, w) for f, a, w in zip(facts, acc, firsts, strict=True) if a < 1]
+    is_new = [w for _, w in lost if w and any(o.startswith(w) for o in new_objects)]
+    is_function = [w for _, w in lost if w.lower() in FUNCTION_WORDS]
+    return {
+        "facts": len(facts),
+        "accuracy": float(acc.mean()),
+        "no_longer_completed": len(lost),
+        "first_token_an_edited_new_object": len(is_new),
+        "first_token_a_function_word": len(is_function),
+        "examples": [{"prompt": p, "answer": a, "now": w} for (p, a), w in lost[:12]],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", help="run names under runs/many/")
+    ap.add_argument("--data", default="../shared/data/counterfact/counterfact-edit.json")
+    ap.add_argument("--n", type=int, default=2960)
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    lm = je.load("smollm2-135m")
+    every = datasets.load(args.data, skip_bad=True).requests
+    read = datasets.load(args.data, n=args.n).requests
+    by_id = {r.case_id: r for r in every}
+    facts, _ = general.cached_known_to(lm, general.facts_from_requests(every, read, n=None))
+    result = {"machine": machine(), "runs": {}}
+    for name in args.runs:
+        d = Path("runs/many") / name / "lifelong"
+        p = json.loads((d / "progress.json").read_text())
+        edited = apply(lm, load_edit(d / p["checkpoint"] / "edit.safetensors"))
+        ids = [i for r in p["round_case_ids"] for i in r]
+        new_objects = {by_id[i].target_new.strip() for i in ids}
+        entry = {
+            "edits": len(ids),
+            "text": text_damage(lm, edited, general.PPL_WINDOW, general.PPL_TOKENS, args.top),
+            "known_facts": fact_damage(lm, edited, facts, new_objects),
+        }
+        result["runs"][name] = entry
+        t, k = entry["text"], entry["known_facts"]
+        print(
+            f"{name}: {len(ids)} edits; ppl ×{t['ppl_ratio']:.3f}, top 1 % of tokens carry "
+            f"{t['share_of_increase_in_top']['1%']:.2f} of the increase, tokens after a "
+            f"capitalised word ({t['tokens_after_capitalised_word']:.2f} of the text) "
+            f"{t['their_share_of_increase']:.2f}; known facts {k['accuracy']:.3f}, "
+            f"{k['no_longer_completed']} lost, {k['first_token_an_edited_new_object']} now an "
+            f"edited new object, {k['first_token_a_function_word']} a function word",
+            flush=True,
+        )
+    out = json.loads(args.out.read_text()) if args.out.exists() else {}
+    out.setdefault("collateral", {"runs": {}})
+    out["collateral"]["machine"] = result["machine"]
+    out["collateral"]["runs"].update(result["runs"])
+    write_json_atomic(args.out, out)
+
+
+if __name__ == "__main__":
+    main()
