@@ -6,11 +6,13 @@ slice, its 2,048 tokens in 256-token windows, as `general.perplexity`) it takes 
 each token's NLL, edited − unedited, and reports how concentrated the increase is (the share
 of the total carried by the top 1 / 5 / 10 % of tokens), the share carried by tokens that follow
 a capitalised word (the position whose key the MLP reads is then inside a name: where an edit's
-subject keys live), against those tokens' share of the text, and the largest increases with
-their context. For the known facts (the 200 records the unedited model completes greedily,
-`general.cached_known_to`, as `jaxedit eval` picks them) it reports how many the edited model
-no longer completes, and what it predicts first instead: an edited request's new object, or
-something else (a function word, another entity).
+subject keys live) and by tokens that follow the last token of an edited subject (at early
+layers a key is mostly its own token), each against those tokens' share of the text, and the
+largest increases with their context. For the known facts (the 200 records the unedited model
+completes greedily, `general.cached_known_to`, as `jaxedit eval` picks them) it reports how
+many the edited model no longer completes, and what it predicts first instead: the new object
+of an edit of the same relation (prompt template), a function word, or something else (mostly
+another entity).
 
     uv run python benchmarks/collateral.py alphaedit-mpes-wiki-ns1e-2-2000 \\
         [--data ../shared/data/counterfact/counterfact-edit.json --n 2960] [--top 20] \\
@@ -39,28 +41,37 @@ OUT = Path(__file__).parent / "results" / "many_edits_2000.json"
 FUNCTION_WORDS = {"the", "a", "an", "of", "in", "to", "and", "is", "that", "it", "this", "its"}
 
 
-def after_capitalised(tok, ids: list[int], window: int) -> np.ndarray:
-    """For each predicted token: does the token before it belong to a capitalised word?"""
-    pieces = [tok.decode([i]) for i in ids]
-    word_caps, cap = [], False
-    for p in pieces:
-        if p[:1].isspace() or not word_caps:  # a token that starts a word
+def capitalised(tok, ids: list[int]) -> list[bool]:
+    """Per token: does it belong to a word that starts with a capital letter?"""
+    out, cap = [], False
+    for p in (tok.decode([i]) for i in ids):
+        if p[:1].isspace() or not out:  # a token that starts a word
             cap = p.strip()[:1].isupper()
-        word_caps.append(cap)
-    flags = []
-    for start in range(0, len(ids), window):
-        w = range(start, min(start + window, len(ids)))
-        flags += [word_caps[i - 1] for i in list(w)[1:]]
-    return np.array(flags)
+        out.append(cap)
+    return out
 
 
-def text_damage(lm, edited, window: int, max_tokens: int, top: int) -> dict:
+def at_key(flags: list[bool], n: int, window: int) -> np.ndarray:
+    """For each predicted token (windows as `general.token_nll`): the flag of the token before
+    it, the position whose MLP key predicts it."""
+    return np.array(
+        [flags[k - 1] for s in range(0, n, window) for k in range(s + 1, min(s + window, n))]
+    )
+
+
+def subject_last_tokens(tok, subjects) -> set[int]:
+    """The last token of each subject, as it reads mid-sentence and at the start of a prompt."""
+    return {tok.encode_continuation(t)[-1] for s in subjects for t in (" " + s, s)}
+
+
+def text_damage(lm, edited, window: int, max_tokens: int, top: int, subject_ends: set[int]) -> dict:
     tok = lm.tokenizer
     ids = tok.encode_continuation(general.default_text())[:max_tokens]
     delta = general.token_nll(edited, ids, window=window) - general.token_nll(
         lm, ids, window=window
     )
-    caps = after_capitalised(tok, ids, window)
+    caps = at_key(capitalised(tok, ids), len(ids), window)
+    ends = at_key([i in subject_ends for i in ids], len(ids), window)
     predicted = [t for s in range(0, len(ids), window) for t in ids[s + 1 : s + window]]
     total = delta.sum()
     ranked = np.sort(delta)[::-1]
@@ -81,24 +92,33 @@ def text_damage(lm, edited, window: int, max_tokens: int, top: int) -> dict:
             f"{q:.0%}": float(ranked[: max(1, int(q * delta.size))].sum() / total)
             for q in (0.01, 0.05, 0.10)
         },
-        "tokens_after_capitalised_word": float(caps.mean()),
-        "their_share_of_increase": float(delta[caps].sum() / total),
+        # tokens whose key position is X: their share of the text, their share of the increase
+        "after": {
+            name: {"tokens": float(f.mean()), "share_of_increase": float(delta[f].sum() / total)}
+            for name, f in (("capitalised_word", caps), ("edited_subject_last_token", ends))
+        },
         "largest": largest,
     }
 
 
-def fact_damage(lm, edited, facts, new_objects: set[str]) -> dict:
+def fact_damage(lm, edited, facts, template_of: dict[str, str], new_objects: dict) -> dict:
+    """`template_of`: fact prompt -> its record's prompt template (the relation, as CounterFact
+    words it); `new_objects`: template -> the new objects the run's edits of it wrote."""
     prompts, answers = [p for p, _ in facts], [a for _, a in facts]
     acc = scoring.score_targets(edited, prompts, answers).token_acc
     firsts = [lm.tokenizer.decode(g).strip() for g in greedy_ids(edited, prompts, [1] * len(facts))]
     lost = [(f, w) for f, a, w in zip(facts, acc, firsts, strict=True) if a < 1]
-    is_new = [w for _, w in lost if w and any(o.startswith(w) for o in new_objects)]
+    is_new = [
+        w
+        for (p, _), w in lost
+        if w and any(o.startswith(w) for o in new_objects.get(template_of.get(p), ()))
+    ]
     is_function = [w for _, w in lost if w.lower() in FUNCTION_WORDS]
     return {
         "facts": len(facts),
         "accuracy": float(acc.mean()),
         "no_longer_completed": len(lost),
-        "first_token_an_edited_new_object": len(is_new),
+        "first_token_a_new_object_of_the_relation": len(is_new),
         "first_token_a_function_word": len(is_function),
         "examples": [{"prompt": p, "answer": a, "now": w} for (p, a), w in lost[:12]],
     }
@@ -116,6 +136,7 @@ def main() -> None:
     every = datasets.load(args.data, skip_bad=True).requests
     read = datasets.load(args.data, n=args.n).requests
     by_id = {r.case_id: r for r in every}
+    template_of = {r.prompt.format(r.subject): r.prompt for r in every}
     facts, _ = general.cached_known_to(lm, general.facts_from_requests(every, read, n=None))
     result = {"machine": machine(), "runs": {}}
     for name in args.runs:
@@ -123,21 +144,35 @@ def main() -> None:
         p = json.loads((d / "progress.json").read_text())
         edited = apply(lm, load_edit(d / p["checkpoint"] / "edit.safetensors"))
         ids = [i for r in p["round_case_ids"] for i in r]
-        new_objects = {by_id[i].target_new.strip() for i in ids}
+        new_objects: dict[str, set[str]] = {}
+        for i in ids:
+            new_objects.setdefault(by_id[i].prompt, set()).add(by_id[i].target_new.strip())
         entry = {
             "edits": len(ids),
-            "text": text_damage(lm, edited, general.PPL_WINDOW, general.PPL_TOKENS, args.top),
-            "known_facts": fact_damage(lm, edited, facts, new_objects),
+            "text": text_damage(
+                lm,
+                edited,
+                general.PPL_WINDOW,
+                general.PPL_TOKENS,
+                args.top,
+                subject_last_tokens(lm.tokenizer, (by_id[i].subject for i in ids)),
+            ),
+            "known_facts": fact_damage(lm, edited, facts, template_of, new_objects),
         }
         result["runs"][name] = entry
         t, k = entry["text"], entry["known_facts"]
+        a = t["after"]
         print(
             f"{name}: {len(ids)} edits; ppl ×{t['ppl_ratio']:.3f}, top 1 % of tokens carry "
             f"{t['share_of_increase_in_top']['1%']:.2f} of the increase, tokens after a "
-            f"capitalised word ({t['tokens_after_capitalised_word']:.2f} of the text) "
-            f"{t['their_share_of_increase']:.2f}; known facts {k['accuracy']:.3f}, "
-            f"{k['no_longer_completed']} lost, {k['first_token_an_edited_new_object']} now an "
-            f"edited new object, {k['first_token_a_function_word']} a function word",
+            f"capitalised word ({a['capitalised_word']['tokens']:.2f} of the text) "
+            f"{a['capitalised_word']['share_of_increase']:.2f}, after an edited subject's last "
+            f"token ({a['edited_subject_last_token']['tokens']:.2f}) "
+            f"{a['edited_subject_last_token']['share_of_increase']:.2f}; "
+            f"known facts {k['accuracy']:.3f}, "
+            f"{k['no_longer_completed']} lost (now: a new object of the relation "
+            f"{k['first_token_a_new_object_of_the_relation']}, a function word "
+            f"{k['first_token_a_function_word']})",
             flush=True,
         )
     out = json.loads(args.out.read_text()) if args.out.exists() else {}
