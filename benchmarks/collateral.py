@@ -12,7 +12,9 @@ largest increases with their context. For the known facts (the 200 records the u
 completes greedily, `general.cached_known_to`, as `jaxedit eval` picks them) it reports how
 many the edited model no longer completes, and what it predicts first instead: the new object
 of an edit of the same relation (prompt template), a function word, or something else (mostly
-another entity).
+another entity); and, by how firmly the unedited model knew each fact (the probability of the
+answer's first token, in bands), the share lost and the geometric-mean change of that
+probability.
 
     uv run python benchmarks/collateral.py alphaedit-mpes-wiki-ns1e-2-2000 \\
         [--data ../shared/data/counterfact/counterfact-edit.json --n 2960] [--top 20] \\
@@ -38,6 +40,7 @@ from jaxedit.eval.generation import greedy_ids
 from jaxedit.methods.mend.checkpoint import write_json_atomic
 
 OUT = Path(__file__).parent / "results" / "many_edits_2000.json"
+BANDS = ((0.0, 0.2), (0.2, 0.35), (0.35, 0.5), (0.5, 0.7), (0.7, 1.01))
 FUNCTION_WORDS = {"the", "a", "an", "of", "in", "to", "and", "is", "that", "it", "this", "its"}
 
 
@@ -105,7 +108,24 @@ def fact_damage(lm, edited, facts, template_of: dict[str, str], new_objects: dic
     """`template_of`: fact prompt -> its record's prompt template (the relation, as CounterFact
     words it); `new_objects`: template -> the new objects the run's edits of it wrote."""
     prompts, answers = [p for p, _ in facts], [a for _, a in facts]
-    acc = scoring.score_targets(edited, prompts, answers).token_acc
+    before = scoring.score_targets(lm, prompts, answers)
+    after = scoring.score_targets(edited, prompts, answers)
+    acc = after.token_acc
+    # how firmly the unedited model knew each fact: p of the answer's first token
+    p0 = np.exp([lp[0] for lp in before.logprobs])
+    p1 = np.exp([lp[0] for lp in after.logprobs])
+    bands = []
+    for lo, hi in BANDS:
+        m = (p0 >= lo) & (p0 < hi)
+        if m.any():
+            bands.append(
+                {
+                    "p_unedited": [lo, min(hi, 1.0)],
+                    "facts": int(m.sum()),
+                    "lost": float((acc[m] < 1).mean()),
+                    "p_ratio_geomean": float(np.exp(np.mean(np.log(p1[m] / p0[m])))),
+                }
+            )
     firsts = [lm.tokenizer.decode(g).strip() for g in greedy_ids(edited, prompts, [1] * len(facts))]
     lost = [(f, w) for f, a, w in zip(facts, acc, firsts, strict=True) if a < 1]
     is_new = [
@@ -120,6 +140,9 @@ def fact_damage(lm, edited, facts, template_of: dict[str, str], new_objects: dic
         "no_longer_completed": len(lost),
         "first_token_a_new_object_of_the_relation": len(is_new),
         "first_token_a_function_word": len(is_function),
+        "p_first_token_unedited_median": float(np.median(p0)),
+        "p_ratio_geomean": float(np.exp(np.mean(np.log(p1 / p0)))),
+        "by_confidence": bands,
         "examples": [{"prompt": p, "answer": a, "now": w} for (p, a), w in lost[:12]],
     }
 
@@ -172,7 +195,7 @@ def main() -> None:
             f"known facts {k['accuracy']:.3f}, "
             f"{k['no_longer_completed']} lost (now: a new object of the relation "
             f"{k['first_token_a_new_object_of_the_relation']}, a function word "
-            f"{k['first_token_a_function_word']})",
+            f"{k['first_token_a_function_word']}), answer p ×{k['p_ratio_geomean']:.2f}",
             flush=True,
         )
     out = json.loads(args.out.read_text()) if args.out.exists() else {}
