@@ -26,16 +26,15 @@ probability.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
+import run_checkpoints
 from machine import machine
 
 import jaxedit as je
-from jaxedit.edits import apply, load_edit
-from jaxedit.eval import datasets, general, scoring
+from jaxedit.eval import general, scoring
 from jaxedit.eval.generation import greedy_ids
 from jaxedit.methods.mend.checkpoint import write_json_atomic
 
@@ -148,25 +147,16 @@ def fact_damage(lm, edited, facts, template_of: dict[str, str], new_objects: dic
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", help="run names under runs/many/")
-    ap.add_argument("--data", default="../shared/data/counterfact/counterfact-edit.json")
-    ap.add_argument("--n", type=int, default=2960)
+    ap = run_checkpoints.arguments(__doc__.splitlines()[0], OUT)
     ap.add_argument("--top", type=int, default=20)
-    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     lm = je.load("smollm2-135m")
-    every = datasets.load(args.data, skip_bad=True).requests
-    read = datasets.load(args.data, n=args.n).requests
+    every, facts, _ = run_checkpoints.known_facts(lm, args.data, args.n)
     by_id = {r.case_id: r for r in every}
     template_of = {r.prompt.format(r.subject): r.prompt for r in every}
-    facts, _ = general.cached_known_to(lm, general.facts_from_requests(every, read, n=None))
     result = {"machine": machine(), "runs": {}}
     for name in args.runs:
-        d = Path("runs/many") / name / "lifelong"
-        p = json.loads((d / "progress.json").read_text())
-        edited = apply(lm, load_edit(d / p["checkpoint"] / "edit.safetensors"))
-        ids = [i for r in p["round_case_ids"] for i in r]
+        edited, ids = run_checkpoints.last_edited(lm, name)
         new_objects: dict[str, set[str]] = {}
         for i in ids:
             new_objects.setdefault(by_id[i].prompt, set()).add(by_id[i].target_new.strip())

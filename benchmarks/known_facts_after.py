@@ -13,32 +13,23 @@ before that measure recorded the unfiltered one (~0.08 unedited), this restates 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+import run_checkpoints
 from machine import machine
 
 import jaxedit as je
-from jaxedit.edits import apply, load_edit
-from jaxedit.eval import datasets, general
+from jaxedit.eval import general
 from jaxedit.methods.mend.checkpoint import write_json_atomic
 
 OUT = Path(__file__).parent / "results" / "many_edits_2000.json"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", help="run names under runs/many/")
-    ap.add_argument("--data", default="../shared/data/counterfact/counterfact-edit.json")
-    ap.add_argument("--n", type=int, default=2960)
-    ap.add_argument("--out", type=Path, default=OUT)
-    args = ap.parse_args()
+    args = run_checkpoints.arguments(__doc__.splitlines()[0], OUT).parse_args()
     lm = je.load("smollm2-135m")
-    every = datasets.load(args.data, skip_bad=True).requests
-    read = datasets.load(args.data, n=args.n).requests
-    candidates = general.facts_from_requests(every, read, n=None)
-    facts, scored = general.cached_known_to(lm, candidates)
+    _, facts, scored = run_checkpoints.known_facts(lm, args.data, args.n)
     result = {
         "machine": machine(),
         "facts": f"{args.data}: {len(facts)} known to the unedited model of {scored} scored",
@@ -46,10 +37,8 @@ def main() -> None:
         "runs": {},
     }
     for name in args.runs:
-        d = Path("runs/many") / name / "lifelong"
-        p = json.loads((d / "progress.json").read_text())
-        edited = apply(lm, load_edit(d / p["checkpoint"] / "edit.safetensors"))
-        edits = sum(len(r) for r in p["round_case_ids"])
+        edited, ids = run_checkpoints.last_edited(lm, name)
+        edits = len(ids)
         acc = general.known_facts_accuracy(edited, facts)
         result["runs"][name] = {"edits": edits, "known_facts_acc": acc}
         print(f"{name}: {edits} edits, known facts {acc:.3f}", flush=True)
