@@ -53,12 +53,10 @@ def capitalised(tok, ids: list[int]) -> list[bool]:
     return out
 
 
-def at_key(flags: list[bool], n: int, window: int) -> np.ndarray:
-    """For each predicted token (windows as `general.token_nll`): the flag of the token before
-    it, the position whose MLP key predicts it."""
-    return np.array(
-        [flags[k - 1] for s in range(0, n, window) for k in range(s + 1, min(s + window, n))]
-    )
+def predicted_positions(n: int, window: int) -> list[int]:
+    """Where in the n ids each token `general.token_nll` scores sits, in its order (every
+    window's tokens but the first)."""
+    return [k for s in range(0, n, window) for k in range(s + 1, min(s + window, n))]
 
 
 def subject_last_tokens(tok, subjects) -> set[int]:
@@ -72,21 +70,21 @@ def text_damage(lm, edited, window: int, max_tokens: int, top: int, subject_ends
     delta = general.token_nll(edited, ids, window=window) - general.token_nll(
         lm, ids, window=window
     )
-    caps = at_key(capitalised(tok, ids), len(ids), window)
-    ends = at_key([i in subject_ends for i in ids], len(ids), window)
-    predicted = [t for s in range(0, len(ids), window) for t in ids[s + 1 : s + window]]
+    pos = predicted_positions(len(ids), window)
+    # the flag of the token before each scored one: the position whose MLP key predicts it
+    caps_of = capitalised(tok, ids)
+    caps = np.array([caps_of[k - 1] for k in pos])
+    ends = np.array([ids[k - 1] in subject_ends for k in pos])
     total = delta.sum()
     ranked = np.sort(delta)[::-1]
-    largest = []
-    for i in np.argsort(-delta)[:top]:
-        k = i + (i // (window - 1)) + 1  # index of the predicted token in `ids`
-        largest.append(
-            {
-                "dnll": round(float(delta[i]), 3),
-                "context": tok.decode(ids[max(0, k - 8) : k]),
-                "token": tok.decode([predicted[i]]),
-            }
-        )
+    largest = [
+        {
+            "dnll": round(float(delta[i]), 3),
+            "context": tok.decode(ids[max(0, pos[i] - 8) : pos[i]]),
+            "token": tok.decode([ids[pos[i]]]),
+        }
+        for i in np.argsort(-delta)[:top]
+    ]
     return {
         "tokens": int(delta.size),
         "ppl_ratio": float(np.exp(delta.mean())),
