@@ -64,12 +64,12 @@ def subject_last_tokens(tok, subjects) -> set[int]:
     return {tok.encode_continuation(t)[-1] for s in subjects for t in (" " + s, s)}
 
 
-def text_damage(lm, edited, window: int, max_tokens: int, top: int, subject_ends: set[int]) -> dict:
-    tok = lm.tokenizer
-    ids = tok.encode_continuation(general.default_text())[:max_tokens]
-    delta = general.token_nll(edited, ids, window=window) - general.token_nll(
-        lm, ids, window=window
-    )
+def text_damage(
+    edited, ids: list[int], nll0: np.ndarray, window: int, top: int, subject_ends: set[int]
+) -> dict:
+    """`ids`: the text's tokens; `nll0`: the unedited model's `general.token_nll` of them."""
+    tok = edited.tokenizer
+    delta = general.token_nll(edited, ids, window=window) - nll0
     pos = predicted_positions(len(ids), window)
     # the flag of the token before each scored one: the position whose MLP key predicts it
     caps_of = capitalised(tok, ids)
@@ -101,11 +101,13 @@ def text_damage(lm, edited, window: int, max_tokens: int, top: int, subject_ends
     }
 
 
-def fact_damage(lm, edited, facts, template_of: dict[str, str], new_objects: dict) -> dict:
-    """`template_of`: fact prompt -> its record's prompt template (the relation, as CounterFact
-    words it); `new_objects`: template -> the new objects the run's edits of it wrote."""
+def fact_damage(
+    edited, facts, before: scoring.TargetScores, template_of: dict[str, str], new_objects: dict
+) -> dict:
+    """`before`: the unedited model's scores of the facts; `template_of`: fact prompt -> its
+    record's prompt template (the relation, as CounterFact words it); `new_objects`: template
+    -> the new objects the run's edits of it wrote."""
     prompts, answers = [p for p, _ in facts], [a for _, a in facts]
-    before = scoring.score_targets(lm, prompts, answers)
     after = scoring.score_targets(edited, prompts, answers)
     acc = after.token_acc
     # how firmly the unedited model knew each fact: p of the answer's first token
@@ -123,7 +125,9 @@ def fact_damage(lm, edited, facts, template_of: dict[str, str], new_objects: dic
                     "p_ratio_geomean": float(np.exp(np.mean(np.log(p1[m] / p0[m])))),
                 }
             )
-    firsts = [lm.tokenizer.decode(g).strip() for g in greedy_ids(edited, prompts, [1] * len(facts))]
+    firsts = [
+        edited.tokenizer.decode(g).strip() for g in greedy_ids(edited, prompts, [1] * len(facts))
+    ]
     lost = [(f, w) for f, a, w in zip(facts, acc, firsts, strict=True) if a < 1]
     is_new = [
         w
@@ -152,29 +156,33 @@ def main() -> None:
     every, facts, _ = run_checkpoints.known_facts(lm, args.data, args.n)
     by_id = {r.case_id: r for r in every}
     template_of = {r.prompt.format(r.subject): r.prompt for r in every}
+    # the unedited model's side, once for every run
+    ids = lm.tokenizer.encode_continuation(general.default_text())[: general.PPL_TOKENS]
+    nll0 = general.token_nll(lm, ids, window=general.PPL_WINDOW)
+    before = scoring.score_targets(lm, [p for p, _ in facts], [a for _, a in facts])
     result = {"machine": machine(), "runs": {}}
     for name in args.runs:
-        edited, ids = run_checkpoints.last_edited(lm, name)
+        edited, case_ids = run_checkpoints.last_edited(lm, name)
         new_objects: dict[str, set[str]] = {}
-        for i in ids:
+        for i in case_ids:
             new_objects.setdefault(by_id[i].prompt, set()).add(by_id[i].target_new.strip())
         entry = {
-            "edits": len(ids),
+            "edits": len(case_ids),
             "text": text_damage(
-                lm,
                 edited,
+                ids,
+                nll0,
                 general.PPL_WINDOW,
-                general.PPL_TOKENS,
                 args.top,
-                subject_last_tokens(lm.tokenizer, (by_id[i].subject for i in ids)),
+                subject_last_tokens(lm.tokenizer, (by_id[i].subject for i in case_ids)),
             ),
-            "known_facts": fact_damage(lm, edited, facts, template_of, new_objects),
+            "known_facts": fact_damage(edited, facts, before, template_of, new_objects),
         }
         result["runs"][name] = entry
         t, k = entry["text"], entry["known_facts"]
         a = t["after"]
         print(
-            f"{name}: {len(ids)} edits; ppl ×{t['ppl_ratio']:.3f}, top 1 % of tokens carry "
+            f"{name}: {len(case_ids)} edits; ppl ×{t['ppl_ratio']:.3f}, top 1 % of tokens carry "
             f"{t['share_of_increase_in_top']['1%']:.2f} of the increase, tokens after a "
             f"capitalised word ({a['capitalised_word']['tokens']:.2f} of the text) "
             f"{a['capitalised_word']['share_of_increase']:.2f}, after an edited subject's last "
