@@ -8,7 +8,7 @@ import argparse
 import json
 from pathlib import Path
 
-from jaxedit.edits import apply, load_edit
+from jaxedit.edits import WeightEdit, apply, load_edit
 from jaxedit.eval import datasets, general
 from jaxedit.models.lm import LanguageModel
 from jaxedit.requests import EditRequest
@@ -38,9 +38,15 @@ def known_facts(
     return every, facts, scored
 
 
-def last_edited(lm: LanguageModel, name: str) -> tuple[LanguageModel, list[int]]:
-    """(the model after run `name`'s last finished round, the case ids it edited, in order)."""
+def last_edit(name: str) -> tuple[WeightEdit, list[int]]:
+    """(run `name`'s edit after its last finished round, the case ids it edited, in order)."""
     d = RUNS / name / "lifelong"
     p = json.loads((d / "progress.json").read_text())
-    edited = apply(lm, load_edit(d / p["checkpoint"] / "edit.safetensors"))
-    return edited, [i for r in p["round_case_ids"] for i in r]
+    edit = load_edit(d / p["checkpoint"] / "edit.safetensors")
+    return edit, [i for r in p["round_case_ids"] for i in r]
+
+
+def last_edited(lm: LanguageModel, name: str) -> tuple[LanguageModel, list[int]]:
+    """(the model after run `name`'s last finished round, the case ids it edited, in order)."""
+    edit, ids = last_edit(name)
+    return apply(lm, edit), ids
