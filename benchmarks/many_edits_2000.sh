@@ -11,7 +11,8 @@
 # -l2-9: the residual spread over layers 2-9 instead of the preset's 2-5 (twice the key
 # directions to write into, half of each z's residual per layer); -ridge1: L2 = 1 instead of the
 # paper's 10 (this model's keys are small: with L2 = 10 layers 2-4 write a fraction of their
-# share of the residual and the last layer takes the rest).
+# share of the residual and the last layer takes the rest); -joint: one solve over layers 2-5
+# for the sum of their writes, preserving the earlier edits' summed writes (`joint`).
 # Resumable: rerun the same line and it continues from the last finished round
 # (runs/many/<name>-2000/lifelong), on the same machine: run directories do not survive a new one.
 # Pinned to core(s) ${CORE:-0} (e.g. CORE=0,1), niced; EVERY=k: a curve point every k rounds;
@@ -19,7 +20,7 @@
 # before that filter, to compare with them).
 set -e
 cd "$(dirname "$0")/.."
-name=${1:?usage: many_edits_2000.sh alphaedit|alphaedit-mpes|alphaedit-mpes-wiki(-ns5e-3|-ns1e-2|-np10|-l2-9|-ridge1)|ft-l|memit|rome}
+name=${1:?usage: many_edits_2000.sh alphaedit|alphaedit-mpes|alphaedit-mpes-wiki(-ns5e-3|-ns1e-2|-np10|-l2-9|-ridge1|-joint)|ft-l|memit|rome}
 case $name in
   alphaedit) args="--method alphaedit" ;;
   alphaedit-mpes) args="--method alphaedit --set early_stop_argmax=true" ;;
@@ -40,6 +41,9 @@ case $name in
   alphaedit-mpes-wiki-ridge1) args="--method alphaedit --set early_stop_argmax=true
     --set mom2_corpus=../shared/data/wikitext/wiki.valid.raw --set mom2_n_tokens=131072
     --set L2=1" ;;
+  alphaedit-mpes-wiki-joint) args="--method alphaedit --set early_stop_argmax=true
+    --set mom2_corpus=../shared/data/wikitext/wiki.valid.raw --set mom2_n_tokens=131072
+    --set joint=true" ;;
   ft-l) args="--method ft --set objective=prompt_last" ;;  # the 100-edit FT-L row's setting
   memit) args="--method memit" ;;
   rome) args="--method rome" ;;

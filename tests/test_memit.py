@@ -134,6 +134,60 @@ def test_alphaedit_resume_equals_uninterrupted_and_foreign_state_is_refused(tiny
         alphaedit.load_state(fresh(), tmp_path / "junk.safetensors")
 
 
+def test_joint_with_one_layer_is_the_layer_solve(tiny, tiny_C):
+    """One layer, one pass: the joint ΔW = P[K K_p] (AᵀA + L2 I)⁻¹ [R; 0] equals AlphaEdit's
+    (P(KKᵀ + K_pK_pᵀ) + L2 I)⁻¹ P K Rᵀ (push-through identity), in round 1 and round 2."""
+    deltas = {}
+    for joint in (False, True):
+        hp = tiny_hp(
+            alphaedit.AlphaEditHparams,
+            layers=(2,),
+            nullspace_threshold=1e-2,
+            L2=1.0,
+            joint=joint,
+            joint_passes=1,
+        )
+        state, lm, deltas[joint] = (
+            alphaedit.make_state(tiny, memit.make_state(tiny, hp, tiny_C)),
+            tiny,
+            [],
+        )
+        for batch in (REQS[:2], REQS[2:]):
+            edit, _, state = alphaedit.step(lm, state, batch)
+            lm = je.apply(lm, edit)
+            deltas[joint].append(edit.deltas[0].matrix())
+    for a, b in zip(deltas[False], deltas[True], strict=True):
+        assert np.linalg.norm(a) > 0
+        np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max())
+
+
+def test_joint_keeps_the_earlier_edits_summed_writes_and_resumes(tiny, tiny_C, tmp_path):
+    """Round 2 leaves Σ_l K_p,lᵀ ΔW_l (the earlier edits' writes, summed over the layers) at
+    zero while writing its own; its state (the keys K_p) saves, resumes and is refused by a
+    per-layer run."""
+    hp = tiny_hp(alphaedit.AlphaEditHparams, nullspace_threshold=1e-2, L2=1e-6, joint=True)
+    fresh = lambda h=hp: alphaedit.make_state(tiny, memit.make_state(tiny, h, tiny_C))  # noqa: E731
+    e1, _, s1 = alphaedit.step(tiny, fresh(), REQS[:2])
+    lm1 = je.apply(tiny, e1)
+    e2, info, s2 = alphaedit.step(lm1, s1, REQS[2:])
+    assert [x.shape for x in s2.Kp.values()] == [(48, 3), (48, 3)]
+    on_earlier = sum(s1.Kp[d.layer].T @ d.matrix() for d in e2.deltas)  # [2 D]
+    K2 = {x: spread.request_keys(lm1, x, REQS[2:], FIXED, s1.base.groups) for x in (1, 2)}
+    on_own = sum(K2[d.layer].T @ d.matrix() for d in e2.deltas)  # [1 D]
+    assert np.linalg.norm(on_earlier) <= 1e-3 * np.linalg.norm(on_own)
+    residuals = info["layers_info"][-1]["pass_residuals"]
+    assert len(residuals) == 2 and residuals[1] < residuals[0]
+    path = alphaedit.save_state(s1, tmp_path / "joint.safetensors")
+    e2r, _, s2r = alphaedit.step(lm1, alphaedit.load_state(fresh(), path), REQS[2:])
+    for a, b in zip(e2.deltas, e2r.deltas, strict=True):
+        np.testing.assert_array_equal(a.matrix(), b.matrix())
+    np.testing.assert_array_equal(s2.Kp[2], s2r.Kp[2])
+    with pytest.raises(CheckpointError, match="joint"):
+        alphaedit.load_state(fresh(dataclasses.replace(hp, joint=False)), path)
+    with pytest.raises(ConfigError, match="norm_penalty"):
+        dataclasses.replace(hp, norm_penalty=1.0)
+
+
 def test_z_cache_reuses_and_recomputes_bad_files(tiny, tiny_C, tmp_path):
     hp = tiny_hp(memit.MEMITHparams)
     state = dataclasses.replace(memit.make_state(tiny, hp, tiny_C), z_cache=str(tmp_path))

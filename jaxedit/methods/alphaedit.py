@@ -31,8 +31,23 @@ Options from the lifelong-editing literature, on the same solver (all off by def
   system), which is what L2 · I already is here; this one also pulls earlier rounds back.
 - `anchor_value_norm`: rescale each z to the norm of the unedited residual h (‖z‖ = ‖h‖), the
   norm-growth fix of value-norm anchoring.
+- `joint` (ours; off by default): one solve for every layer of the range instead of MEMIT's
+  layer loop. Only the sum of the layers' writes reaches z, and the per-layer solve preserves
+  every earlier edit's key at every layer: with more edits than key dimensions (d_ff) that
+  leaves no room, while preserving the sum costs one constraint per edit in Σ_l d_ff
+  dimensions (`benchmarks/key_overlap.py`). With A_l = P_l [K_l K_p,l] (this round's keys and
+  every earlier round's, [F M]) and T = [R; 0] (R = Z − H: the residual at the last layer,
+  zero change for the earlier edits), minimising L2 Σ_l ‖ΔW_l‖² + ‖Σ_l A_lᵀ ΔW_l − T‖² over
+  ΔW_l in range(P_l) gives (kernel ridge regression)
 
-State: P (fixed after `prepare`), the accumulated K_p K_pᵀ, D and the round / edit counts;
+      ΔW_l = A_l (Σ_m A_mᵀ A_m + L2 · I)⁻¹ T.
+
+  The keys are read once for all layers, so an update at layer l does not see how it moves the
+  keys above it (the loop's recomputation); `joint_passes` repeats the solve on the residual
+  left after the previous pass, with the keys re-read on the model edited so far.
+
+State: P (fixed after `prepare`), the accumulated K_p K_pᵀ (`joint`: the keys K_p themselves),
+D and the round / edit counts;
 `step` returns the next state, `save_state` / `load_state` write and restore the sequential
 part, refusing a file from another model, layer range or threshold.
 """
@@ -47,7 +62,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxedit.edits import WeightDelta, WeightEdit
+from jaxedit.edits import WeightDelta, WeightEdit, apply_weight_edit
 from jaxedit.errors import CheckpointError, ConfigError, InputError
 from jaxedit.io.atomic import write_bytes_atomic
 from jaxedit.methods import memit
@@ -66,6 +81,8 @@ class AlphaEditHparams(memit.SpreadHparams):
     L2: float = 10.0  # ridge on ΔW in the projected solve
     norm_penalty: float = 0.0  # α on ‖W_t + ΔW − W₀‖² (accumulated change); 0 = the paper
     anchor_value_norm: bool = False  # rescale z to ‖h‖
+    joint: bool = False  # one solve over every layer for the sum of their writes (docstring)
+    joint_passes: int = 2  # joint: solves per round, each on the residual the last one left
 
     def __post_init__(self):
         super().__post_init__()
@@ -78,6 +95,10 @@ class AlphaEditHparams(memit.SpreadHparams):
             )
         if self.norm_penalty < 0:
             raise ConfigError("AlphaEditHparams: norm_penalty must be >= 0")
+        if self.joint and self.norm_penalty:
+            raise ConfigError("AlphaEditHparams: joint does not take a norm_penalty")
+        if self.joint_passes < 1:
+            raise ConfigError("AlphaEditHparams: joint_passes must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -86,6 +107,7 @@ class AlphaEditState:
     P: dict[int, np.ndarray]  # null-space projector per layer, float64 [F F]
     KpKp: dict[int, np.ndarray]  # Σ over earlier rounds of K Kᵀ, float64 [F F]
     D: dict[int, np.ndarray]  # accumulated ΔW per layer (only kept with norm_penalty), [F D]
+    Kp: dict[int, np.ndarray]  # joint: the keys of earlier rounds per layer, float64 [F N_p]
     rounds: int
     edits: int
     model: str  # fingerprint of the model `prepare` saw (the unedited one)
@@ -114,9 +136,10 @@ def make_state(lm: LanguageModel, base: memit.SpreadState) -> AlphaEditState:
     F, Dm = lm.config.d_ff, lm.config.d_model
     zeros = {layer: np.zeros((F, F)) for layer in hp.layers}
     D = {layer: np.zeros((F, Dm)) for layer in hp.layers} if hp.norm_penalty else {}
+    Kp = {layer: np.zeros((F, 0)) for layer in hp.layers} if hp.joint else {}
     stats = {**base.stats, "nullspace_dims": dims, "nullspace_energy": energy}
     base = dataclasses.replace(base, stats=stats)
-    return AlphaEditState(base, P, zeros, D, 0, 0, model_fingerprint(lm))
+    return AlphaEditState(base, P, zeros, D, Kp, 0, 0, model_fingerprint(lm))
 
 
 def prepare(lm: LanguageModel, hp: AlphaEditHparams, opts: PrepareOptions) -> AlphaEditState:
@@ -144,6 +167,43 @@ def alphaedit_solver(state: AlphaEditState) -> spread.Solver:
     return solve
 
 
+def joint_spread(
+    lm: LanguageModel, state: AlphaEditState, requests: list[EditRequest], zs: np.ndarray
+) -> tuple[tuple[WeightDelta, ...], list[dict], LanguageModel]:
+    """`joint`: every layer's ΔW_l = A_l (Σ_m A_mᵀ A_m + L2 · I)⁻¹ T, `joint_passes` times on
+    the residual left; returns what `spread.spread` does (deltas, per-layer numbers, the
+    edited model)."""
+    hp, base = state.hp, state.base
+    layers, z_layer = hp.layers, hp.layers[-1]
+    cur, total, residuals = lm, {layer: 0.0 for layer in layers}, []
+    for _ in range(hp.joint_passes):
+        R = zs - spread.bare_outputs(cur, z_layer, requests)  # [D N]
+        residuals.append(float(np.linalg.norm(R, axis=0).mean()))
+        A = {}
+        for layer in layers:
+            K = spread.request_keys(cur, layer, requests, base.templates, base.groups)
+            A[layer] = state.P[layer] @ np.concatenate([K, state.Kp[layer]], axis=1)  # [F M]
+        M = next(iter(A.values())).shape[1]
+        T = np.concatenate([R.T, np.zeros((M - R.shape[1], R.shape[0]))])  # [M D]
+        G = sum(a.T @ a for a in A.values())
+        try:
+            X = np.linalg.solve(G + hp.L2 * np.eye(M), T)
+        except np.linalg.LinAlgError as e:
+            raise InputError("AlphaEdit (joint): the kernel system is singular") from e
+        if not np.all(np.isfinite(X)):
+            raise InputError("AlphaEdit (joint): the solve gave non-finite values")
+        step_deltas = [
+            WeightDelta(spread.SITE, x, dense=(A[x] @ X).astype(np.float32)) for x in layers
+        ]
+        cur = cur.with_params(apply_weight_edit(cur.params, WeightEdit(tuple(step_deltas))))
+        for d in step_deltas:
+            total[d.layer] = total[d.layer] + d.matrix()
+    deltas = tuple(WeightDelta(spread.SITE, x, dense=total[x]) for x in layers)
+    info = [{"layer": d.layer, "z_error": residuals[0], "update_norm": d.norm()} for d in deltas]
+    info[-1]["pass_residuals"] = residuals
+    return deltas, info, cur
+
+
 def anchor(zs: np.ndarray, h: np.ndarray) -> np.ndarray:
     """z rescaled to the norm of the unedited residual h, column by column."""
     return zs * (np.linalg.norm(h, axis=0) / np.maximum(np.linalg.norm(zs, axis=0), 1e-30))
@@ -161,18 +221,29 @@ def step(
     if hp.anchor_value_norm:
         zs = anchor(zs, np.stack([tv.v0 for tv in tvs], axis=1))
     t1 = time.perf_counter()
-    deltas, layers_info, edited = spread.spread(
-        lm, hp.layers, requests, zs, base.templates, base.groups, alphaedit_solver(state)
-    )
+    if hp.joint:
+        deltas, layers_info, edited = joint_spread(lm, state, requests, zs)
+    else:
+        deltas, layers_info, edited = spread.spread(
+            lm, hp.layers, requests, zs, base.templates, base.groups, alphaedit_solver(state)
+        )
     # As the reference: the keys this round adds to the preserved set are read after every
     # layer is edited.
-    KpKp = dict(state.KpKp)
+    KpKp, Kp = dict(state.KpKp), dict(state.Kp)
     for layer in hp.layers:
         K = spread.request_keys(edited, layer, requests, base.templates, base.groups)
-        KpKp[layer] = KpKp[layer] + K @ K.T
+        if hp.joint:
+            Kp[layer] = np.concatenate([Kp[layer], K], axis=1)
+        else:
+            KpKp[layer] = KpKp[layer] + K @ K.T
     D = {d.layer: state.D[d.layer] + d.matrix() for d in deltas} if hp.norm_penalty else {}
     new = dataclasses.replace(
-        state, KpKp=KpKp, D=D, rounds=state.rounds + 1, edits=state.edits + len(requests)
+        state,
+        KpKp=KpKp,
+        D=D,
+        Kp=Kp,
+        rounds=state.rounds + 1,
+        edits=state.edits + len(requests),
     )
     info = {
         "layers": list(hp.layers),
@@ -209,6 +280,7 @@ def _identity(state: AlphaEditState) -> dict:
         "nullspace_threshold": hp.nullspace_threshold,
         "norm_penalty": hp.norm_penalty,
         "width": int(next(iter(state.P.values())).shape[0]),
+        **({"joint": True} if hp.joint else {}),  # absent: the files written before it
     }
 
 
@@ -218,6 +290,7 @@ def save_state(state: AlphaEditState, path: str | Path) -> Path:
 
     tensors = {f"KpKp.{k}": np.ascontiguousarray(v) for k, v in state.KpKp.items()}
     tensors |= {f"D.{k}": np.ascontiguousarray(v) for k, v in state.D.items()}
+    tensors |= {f"Kp.{k}": np.ascontiguousarray(v) for k, v in state.Kp.items()}
     header = {
         "format": STATE_FORMAT,
         **_identity(state),
@@ -241,20 +314,21 @@ def load_state(state: AlphaEditState, path: str | Path) -> AlphaEditState:
     if header.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: not an AlphaEdit state file")
     want = _identity(state)
-    diff = sorted(k for k in want if header.get(k) != want[k])
+    diff = sorted(k for k in {*want, "joint"} if header.get(k) != want.get(k))
     if diff:
         raise CheckpointError(
             f"{path}: saved for another configuration ({', '.join(diff)} differ: "
-            + ", ".join(f"{k}={header.get(k)!r} here {want[k]!r}" for k in diff)
+            + ", ".join(f"{k}={header.get(k)!r} here {want.get(k)!r}" for k in diff)
             + ")"
         )
     try:
         KpKp = {layer: tensors[f"KpKp.{layer}"] for layer in state.hp.layers}
         D = {layer: tensors[f"D.{layer}"] for layer in state.D}
+        Kp = {layer: tensors[f"Kp.{layer}"] for layer in state.Kp}
     except KeyError as e:
         raise CheckpointError(f"{path}: corrupt AlphaEdit state (missing {e})") from e
     return dataclasses.replace(
-        state, KpKp=KpKp, D=D, rounds=int(header["rounds"]), edits=int(header["edits"])
+        state, KpKp=KpKp, D=D, Kp=Kp, rounds=int(header["rounds"]), edits=int(header["edits"])
     )
 
 
