@@ -12,7 +12,8 @@
 # directions to write into, half of each z's residual per layer); -ridge1: L2 = 1 instead of the
 # paper's 10 (this model's keys are small: with L2 = 10 layers 2-4 write a fraction of their
 # share of the residual and the last layer takes the rest); -joint: one solve over layers 2-5
-# for the sum of their writes, preserving the earlier edits' summed writes (`joint`).
+# for the sum of their writes, preserving the earlier edits' summed writes (`joint`);
+# -joint-l2-9: the same over layers 2-9.
 # Resumable: rerun the same line and it continues from the last finished round
 # (runs/many/<name>-2000/lifelong), on the same machine: run directories do not survive a new one.
 # Pinned to core(s) ${CORE:-0} (e.g. CORE=0,1), niced; EVERY=k: a curve point every k rounds;
@@ -20,7 +21,7 @@
 # before that filter, to compare with them).
 set -e
 cd "$(dirname "$0")/.."
-name=${1:?usage: many_edits_2000.sh alphaedit|alphaedit-mpes|alphaedit-mpes-wiki(-ns5e-3|-ns1e-2|-np10|-l2-9|-ridge1|-joint)|ft-l|memit|rome}
+name=${1:?usage: many_edits_2000.sh alphaedit|alphaedit-mpes|alphaedit-mpes-wiki(-ns5e-3|-ns1e-2|-np10|-l2-9|-ridge1|-joint|-joint-l2-9)|ft-l|memit|rome}
 case $name in
   alphaedit) args="--method alphaedit" ;;
   alphaedit-mpes) args="--method alphaedit --set early_stop_argmax=true" ;;
@@ -44,6 +45,9 @@ case $name in
   alphaedit-mpes-wiki-joint) args="--method alphaedit --set early_stop_argmax=true
     --set mom2_corpus=../shared/data/wikitext/wiki.valid.raw --set mom2_n_tokens=131072
     --set joint=true" ;;
+  alphaedit-mpes-wiki-joint-l2-9) args="--method alphaedit --set early_stop_argmax=true
+    --set mom2_corpus=../shared/data/wikitext/wiki.valid.raw --set mom2_n_tokens=131072
+    --set joint=true --set layers=[2,3,4,5,6,7,8,9]" ;;
   ft-l) args="--method ft --set objective=prompt_last" ;;  # the 100-edit FT-L row's setting
   memit) args="--method memit" ;;
   rome) args="--method rome" ;;
