@@ -8,7 +8,7 @@ curve, seconds), keyed by the directory's name, merged into the output file.
 The run directories stay local (`runs/` is not committed, and a new machine starts without
 them); this file is what the README's tables cite. `--partial` also takes a sequential run
 that has not finished (no `results.json`): its header, the rounds done, their seconds and
-per-round infos (without the per-layer rows) and the curve points so far, from
+per-round infos (per layer only the update norm) and the curve points so far, from
 `lifelong/progress.json`, marked `"finished": false`.
 """
 
@@ -21,6 +21,17 @@ from pathlib import Path
 from machine import machine
 
 from jaxedit.methods.mend.checkpoint import write_json_atomic  # temp file, then os.replace
+
+
+def round_info(info: dict) -> dict:
+    """A round's numbers with its per-layer rows cut down to each layer's update norm (where
+    the round wrote: the joint solve and the layer loop spread it differently)."""
+    out = {k: v for k, v in info.items() if k != "layers_info"}
+    rows = info.get("layers_info") or []
+    out["update_norms"] = {str(r["layer"]): r["update_norm"] for r in rows if "update_norm" in r}
+    if rows and "pass_residuals" in rows[-1]:
+        out["pass_residuals"] = rows[-1]["pass_residuals"]
+    return out
 
 
 def summary(run_dir: Path, partial: bool = False) -> dict:
@@ -36,7 +47,7 @@ def summary(run_dir: Path, partial: bool = False) -> dict:
             + ("; --partial takes a sequential run's progress)" if not partial else ")")
         )
     p = json.loads(progress.read_text())
-    infos = [{k: v for k, v in i.items() if k != "layers_info"} for i in p["infos"]]
+    infos = [round_info(i) for i in p["infos"]]
     return {
         **json.loads((run_dir / "run.json").read_text()),
         "finished": False,

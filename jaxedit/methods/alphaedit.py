@@ -45,6 +45,10 @@ Options from the lifelong-editing literature, on the same solver (all off by def
   The keys are read once for all layers, so an update at layer l does not see how it moves the
   keys above it (the loop's recomputation); `joint_passes` repeats the solve on the residual
   left after the previous pass, with the keys re-read on the model edited so far.
+  Measured on SmolLM2-135M it does worse than the loop (README, "Many edits"): the layers
+  between a write and z do not pass it through unchanged (over layers 2-5 a pass plans to
+  leave 8 of a residual of 58 and leaves 38), so it writes more into the lower layers and
+  loses unedited facts faster. Kept for that comparison.
 
 State: P (fixed after `prepare`), the accumulated K_p K_pᵀ (`joint`: the keys K_p themselves),
 D and the round / edit counts;
