@@ -22,32 +22,20 @@
 set -e
 cd "$(dirname "$0")/.."
 name=${1:?usage: many_edits_2000.sh alphaedit|alphaedit-mpes|alphaedit-mpes-wiki(-ns5e-3|-ns1e-2|-np10|-l2-9|-ridge1|-joint|-joint-l2-9)|ft-l|memit|rome}
+mpes="--method alphaedit --set early_stop_argmax=true"
+wiki="$mpes --set mom2_corpus=../shared/data/wikitext/wiki.valid.raw --set mom2_n_tokens=131072"
+l29="--set layers=[2,3,4,5,6,7,8,9]"
 case $name in
   alphaedit) args="--method alphaedit" ;;
-  alphaedit-mpes) args="--method alphaedit --set early_stop_argmax=true" ;;
-  alphaedit-mpes-wiki) args="--method alphaedit --set early_stop_argmax=true
-    --set mom2_corpus=../shared/data/wikitext/wiki.valid.raw --set mom2_n_tokens=131072" ;;
-  alphaedit-mpes-wiki-ns5e-3) args="--method alphaedit --set early_stop_argmax=true
-    --set mom2_corpus=../shared/data/wikitext/wiki.valid.raw --set mom2_n_tokens=131072
-    --set nullspace_threshold=0.005" ;;
-  alphaedit-mpes-wiki-ns1e-2) args="--method alphaedit --set early_stop_argmax=true
-    --set mom2_corpus=../shared/data/wikitext/wiki.valid.raw --set mom2_n_tokens=131072
-    --set nullspace_threshold=0.01" ;;
-  alphaedit-mpes-wiki-np10) args="--method alphaedit --set early_stop_argmax=true
-    --set mom2_corpus=../shared/data/wikitext/wiki.valid.raw --set mom2_n_tokens=131072
-    --set norm_penalty=10" ;;
-  alphaedit-mpes-wiki-l2-9) args="--method alphaedit --set early_stop_argmax=true
-    --set mom2_corpus=../shared/data/wikitext/wiki.valid.raw --set mom2_n_tokens=131072
-    --set layers=[2,3,4,5,6,7,8,9]" ;;
-  alphaedit-mpes-wiki-ridge1) args="--method alphaedit --set early_stop_argmax=true
-    --set mom2_corpus=../shared/data/wikitext/wiki.valid.raw --set mom2_n_tokens=131072
-    --set L2=1" ;;
-  alphaedit-mpes-wiki-joint) args="--method alphaedit --set early_stop_argmax=true
-    --set mom2_corpus=../shared/data/wikitext/wiki.valid.raw --set mom2_n_tokens=131072
-    --set joint=true" ;;
-  alphaedit-mpes-wiki-joint-l2-9) args="--method alphaedit --set early_stop_argmax=true
-    --set mom2_corpus=../shared/data/wikitext/wiki.valid.raw --set mom2_n_tokens=131072
-    --set joint=true --set layers=[2,3,4,5,6,7,8,9]" ;;
+  alphaedit-mpes) args="$mpes" ;;
+  alphaedit-mpes-wiki) args="$wiki" ;;
+  alphaedit-mpes-wiki-ns5e-3) args="$wiki --set nullspace_threshold=0.005" ;;
+  alphaedit-mpes-wiki-ns1e-2) args="$wiki --set nullspace_threshold=0.01" ;;
+  alphaedit-mpes-wiki-np10) args="$wiki --set norm_penalty=10" ;;
+  alphaedit-mpes-wiki-l2-9) args="$wiki $l29" ;;
+  alphaedit-mpes-wiki-ridge1) args="$wiki --set L2=1" ;;
+  alphaedit-mpes-wiki-joint) args="$wiki --set joint=true" ;;
+  alphaedit-mpes-wiki-joint-l2-9) args="$wiki --set joint=true $l29" ;;
   ft-l) args="--method ft --set objective=prompt_last" ;;  # the 100-edit FT-L row's setting
   memit) args="--method memit" ;;
   rome) args="--method rome" ;;
