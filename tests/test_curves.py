@@ -190,6 +190,28 @@ def test_old_results_of_a_restarted_run_are_not_read(tmp_path):
     assert curves.load_run(d).final("efficacy_score") == pytest.approx(0.1)
 
 
+def test_collected_summaries_read_back_as_the_runs(tmp_path, monkeypatch):
+    """`benchmarks/collect_runs.py`'s summaries (results.json without its cases; an unfinished
+    run's header, rounds and curve) read back as the run directories they were made from."""
+    monkeypatch.syspath_prepend(str(NOTEBOOK.parents[1] / "benchmarks"))
+    import collect_runs as collect
+
+    res = synthetic()
+    done = write_finished(tmp_path / "done", res)
+    cut = write_in_progress(tmp_path / "cut", res, rounds=2)
+    for d, partial in ((done, False), (cut, True)):
+        summary = json.loads(json.dumps(collect.summary(d, partial=partial)))
+        run, want = curves.from_summary(summary, "x"), curves.load_run(d, "x")
+        assert (run.status, run.curve, run.seconds, run.edit_seconds) == (
+            want.status, want.curve, want.seconds, want.edit_seconds)  # fmt: skip
+        for name in ("efficacy_score", "wikitext_ppl"):
+            assert run.final(name) == want.final(name)
+            assert run.unedited(name) == want.unedited(name)
+    assert curves.from_summary(collect.summary(done)).unedited("wikitext_ppl") == 40.0
+    with pytest.raises(InputError, match="'batch' run, not sequential"):
+        curves.from_summary({**collect.summary(cut, partial=True), "mode": "batch"})
+
+
 def test_bad_directories(tmp_path):
     with pytest.raises(InputError, match="no run.json"):
         curves.load_run(tmp_path / "missing")

@@ -20,6 +20,7 @@ same for CounterFact, one request per case).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -166,6 +167,28 @@ def from_result(result: dict, label: str | None = None, path: str | None = None)
         edit_seconds=float(sum(sec.get("per_round") or [])),
         result=result,
         path=path,
+    )
+
+
+def from_summary(summary: dict, label: str | None = None) -> LifelongRun:
+    """A run from its summary in a collected results file (`benchmarks/collect_runs.py`): a
+    finished run's results.json without its per-case rows, or an unfinished one's header with
+    `"finished": false`, `rounds_done`, its curve so far and `seconds` {per_round, total}."""
+    if summary.get("finished", True):
+        n = int(summary.get("n", 0))  # the per-case rows are gone: every case was edited
+        return dataclasses.replace(from_result(summary, label), edits_done=n)
+    if summary.get("mode") != "sequential":
+        raise InputError(f"{label or 'summary'}: a {summary.get('mode')!r} run, not sequential")
+    sec = summary.get("seconds") or {}
+    n, size = int(summary.get("n", 0)), int(summary.get("batch_size") or 1)
+    return LifelongRun(
+        label=label or str(summary.get("method", "run")),
+        header={k: v for k, v in summary.items() if k not in ("curve", "round_infos")},
+        curve=list(summary.get("curve") or []),
+        edits_done=min(n, int(summary.get("rounds_done", 0)) * size),  # rounds of `size` requests
+        edits_total=n,
+        seconds=float(sec.get("total") or 0.0),
+        edit_seconds=float(sum(sec.get("per_round") or [])),
     )
 
 
