@@ -82,6 +82,7 @@ class LifelongRun:
     edit_seconds: float  # the rounds' editing time (method.step and apply), measuring excluded
     result: dict | None = None  # results.json; None while the run goes on
     path: str | None = None
+    snapshot: bool = False  # read from a collected summary: no longer known to be going on
 
     @property
     def finished(self) -> bool:
@@ -91,7 +92,8 @@ class LifelongRun:
     def status(self) -> str:
         if self.finished:
             return f"finished, {self.edits_done} edits"
-        return f"in progress, {self.edits_done} of {self.edits_total} edits"
+        going = "unfinished" if self.snapshot else "in progress"
+        return f"{going}, {self.edits_done} of {self.edits_total} edits"
 
     def series(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(edits, value) of every curve point that has `name` (a metric's mean or a general
@@ -189,6 +191,7 @@ def from_summary(summary: dict, label: str | None = None) -> LifelongRun:
         edits_total=n,
         seconds=float(sec.get("total") or 0.0),
         edit_seconds=float(sum(sec.get("per_round") or [])),
+        snapshot=True,
     )
 
 
