@@ -32,7 +32,7 @@ def main() -> None:
     _, facts, scored = run_checkpoints.known_facts(lm, args.data, args.n)
     result = {
         "machine": machine(),
-        "facts": f"{args.data}: {len(facts)} known to the unedited model of {scored} scored",
+        "facts": f"{args.data}: {len(facts)} {general.KNOWN_FILTER_NOTE} of {scored} scored",
         "unedited": general.known_facts_accuracy(lm, facts),
         "runs": {},
     }

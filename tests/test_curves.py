@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 from jaxedit import methods  # noqa: E402
 from jaxedit.errors import CheckpointError, InputError  # noqa: E402
 from jaxedit.eval import curves, general, runner  # noqa: E402
-from jaxedit.eval.general import GeneralSuite  # noqa: E402
+from jaxedit.eval.general import KNOWN_FILTER_NOTE, GeneralSuite  # noqa: E402
 from jaxedit.locate import facts  # noqa: E402
 from jaxedit.models.lm import LanguageModel  # noqa: E402
 from jaxedit.models.transformer import init_params  # noqa: E402
@@ -315,6 +315,45 @@ def test_final_table(tmp_path):
     c = curves.from_result(synthetic("memit", base_ppl=50.0), "MEMIT-seq")
     rows = [r.split("|")[1].strip() for r in curves.final_table([a, c]).splitlines()[2:]]
     assert rows == ["ROME-seq", "MEMIT-seq", "unedited (ROME-seq)", "unedited (MEMIT-seq)"]
+
+
+def with_known_facts(result: dict, accs: list[float], source: str) -> dict:
+    """`result` with a known-facts accuracy on each curve point, measured on `source`."""
+    for point, acc in zip(result["curve"], accs, strict=True):
+        point["general"]["known_facts_acc"] = acc
+    result["general_setup"] = {"known_facts": source}
+    return result
+
+
+def test_comparable_known_facts_drops_only_unfiltered_accuracies():
+    known = with_known_facts(synthetic(), [0.9, 0.5, 0.25], f"cf.json: 3 {KNOWN_FILTER_NOTE} of 9")
+    assert curves.comparable_known_facts(known) is known
+    old = with_known_facts(synthetic(), [0.07, 0.06, 0.05], "cf.json (records not edited)")
+    kept = curves.comparable_known_facts(old)
+    assert [p["general"].get("known_facts_acc") for p in kept["curve"]] == [None] * 3
+    assert "known_facts_acc" not in kept["general"]["edited"]
+    assert old["curve"][0]["general"]["known_facts_acc"] == 0.07  # a copy: the input is intact
+
+
+def test_milestone_table(tmp_path):
+    res = with_known_facts(synthetic("rome"), [0.9, 0.5, 0.25], f"cf: 3 {KNOWN_FILTER_NOTE} of 9")
+    res["curve"][-1]["general"]["wikitext_ppl"] = 12_345.6  # the last point has collapsed
+    a = curves.from_result(curves.comparable_known_facts(res), "ROME-seq")
+    old = with_known_facts(synthetic("memit"), [0.07, 0.06, 0.05], "cf.json (not edited)")
+    b_dir = write_in_progress(tmp_path / "b", curves.comparable_known_facts(old), 2)
+    b = curves.load_run(b_dir, "MEMIT-seq")
+    # At 2 and 6 edits, and the unfinished run's last point (4); its perplexity as a multiple
+    # of the finished run's unedited 40.
+    assert curves.milestone_table([a, b], at=(2, 6)).splitlines() == [
+        "| method | edits | efficacy | paraphrase | neighbourhood | wikitext ppl | known facts |",
+        "|---|---|---|---|---|---|---|",
+        "| ROME-seq | 2 | 0.90 | 0.45 | 0.80 | 44.0 (1.10×) | 0.90 |",
+        "| ROME-seq | 6 | 0.70 | 0.35 | 0.80 | 12,346 (309×) | 0.25 |",
+        "| MEMIT-seq | 2 | 0.90 | 0.45 | 0.80 | 44.0 (1.10×) | — |",
+        "| MEMIT-seq | 4 | 0.80 | 0.40 | 0.80 | 48.4 (1.21×) | — |",
+    ]
+    alone = curves.milestone_table([b], at=(2,)).splitlines()  # nothing unedited to divide by
+    assert alone[-1] == "| MEMIT-seq | 4 | 0.80 | 0.40 | 0.80 | 48.4 | — |"
 
 
 # ----------------------------------------------------------------------------- a real run

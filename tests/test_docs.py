@@ -203,3 +203,17 @@ def test_demo_step_3_checks_what_step_4_scores():
     assert shown["paraphrase"] == list(demo.FACT.paraphrase_prompts)
     assert shown["neighbour"] == [q.prompt for q in demo.FACT.neighborhood]
     assert shown["reverse question"] == [q.prompt for q in demo.FACT.reverse]
+
+
+def test_readme_side_by_side_table_is_the_collected_runs():
+    """The README's table of the 2,000-edit runs is what `benchmarks/side_by_side.py` prints
+    from the committed results (no number typed by hand)."""
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "side_by_side.py"
+    spec = importlib.util.spec_from_file_location("side_by_side", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.side_by_side()
+    assert len(table.splitlines()) > 2 + len(module.SIDE_BY_SIDE)  # every run has rows
+    assert table in README.read_text()

@@ -3,6 +3,7 @@
     runs = [load_run("runs/many/alphaedit-2000", "AlphaEdit"), from_result(result, "ROME-seq")]
     fig = plot_curves(runs)          # one panel per metric, one line per run, unedited dashed
     print(final_table(runs))         # the last numbers and the seconds of each run
+    print(milestone_table(runs))     # the README's rows: points at 400, 800, ... edits
 
 What a run directory holds (`jaxedit.eval.runner`): `run.json` (what runs; written when the
 run starts), `results.json` (written when it ends: final `metrics`, `baseline`, `general`
@@ -20,6 +21,7 @@ same for CounterFact, one request per case).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -58,6 +60,24 @@ UNIT_RANGE = (
     "score",
     "known_facts_acc",
 )
+# Columns of `milestone_table`, and the README's words for every name.
+MILESTONE_COLUMNS = (
+    "efficacy_score",
+    "paraphrase_score",
+    "neighborhood_score",
+    "wikitext_ppl",
+    "known_facts_acc",
+)
+HEADERS = {
+    "efficacy_score": "efficacy",
+    "paraphrase_score": "paraphrase",
+    "neighborhood_score": "neighbourhood",
+    "score": "score",
+    "wikitext_ppl": "wikitext ppl",
+    "ppl": "perplexity",
+    "known_facts_acc": "known facts",
+    "fluency": "fluency",
+}
 TABLE_COLUMNS = (
     "efficacy_score",
     "paraphrase_score",
@@ -172,6 +192,24 @@ def from_result(result: dict, label: str | None = None, path: str | None = None)
     )
 
 
+def comparable_known_facts(summary: dict) -> dict:
+    """`summary` (a results.json or collected summary) as is when its known-facts accuracy is
+    over facts the unedited model knows (`--known-only` facts, 1.0 unedited), else a copy
+    without its known-facts values: measured on unfiltered records (runs before that filter),
+    they are token accuracies on another scale and would sit beside the others as if comparable."""
+    # Imported here: the rest of this module reads files and draws, without jax.
+    from jaxedit.eval.general import KNOWN_FILTER_NOTE
+
+    if KNOWN_FILTER_NOTE in ((summary.get("general_setup") or {}).get("known_facts") or ""):
+        return summary
+    s = copy.deepcopy(summary)
+    for point in s.get("curve") or []:
+        (point.get("general") or {}).pop("known_facts_acc", None)
+    for side in ("edited", "unedited"):
+        ((s.get("general") or {}).get(side) or {}).pop("known_facts_acc", None)
+    return s
+
+
 def from_summary(summary: dict, label: str | None = None) -> LifelongRun:
     """A run from its summary in a collected results file (`benchmarks/collect_runs.py`): a
     finished run's results.json without its per-case rows, or an unfinished one's header with
@@ -257,9 +295,10 @@ def unedited_values(runs: Sequence[LifelongRun], name: str) -> dict[str, float]:
 
 def common_unedited(runs: Sequence[LifelongRun], name: str) -> float | None:
     """The unedited value when every finished run that has one agrees (same cases, same
-    general suite), else None."""
+    general suite), else None. Agreeing means to 1e-6: the same measure run on two CPUs
+    differs in the last digits of a float32 sum (38.403073 and 38.403074)."""
     vals = list(unedited_values(runs, name).values())
-    if vals and np.allclose(vals, vals[0], rtol=1e-9, atol=1e-12):
+    if vals and np.allclose(vals, vals[0], rtol=1e-6, atol=1e-12):
         return vals[0]
     return None
 
@@ -339,3 +378,39 @@ def final_table(runs: Sequence[LifelongRun], names: Sequence[str] = TABLE_COLUMN
 
 def _num(x: float | None) -> str:
     return "—" if x is None else f"{x:.3f}"
+
+
+def milestone_table(
+    runs: Sequence[LifelongRun],
+    at: Sequence[int] = (400, 800, 1200, 1600, 2000),
+    names: Sequence[str] = MILESTONE_COLUMNS,
+) -> str:
+    """Markdown, the README's side-by-side table: a row per run and curve point at `at` edits,
+    plus the run's last point when it is none of them (an unfinished run). Scores to two
+    places, "—" where a point lacks a value; perplexity with its multiple of the unedited value
+    (the run's own, else the one the finished runs agree on)."""
+    base_ppl = {
+        r.label: r.unedited("wikitext_ppl") or common_unedited(runs, "wikitext_ppl") for r in runs
+    }
+    rows = [["method", "edits", *[HEADERS.get(n, n) for n in names]]]
+    for r in runs:
+        points = [p for p in r.curve if p["edits"] in at]
+        if r.curve and r.curve[-1]["edits"] not in at:
+            points.append(r.curve[-1])
+        for p in points:
+            cells = [_milestone_cell(point_value(p, n), n, base_ppl[r.label]) for n in names]
+            rows.append([r.label, f"{p['edits']:,}", *cells])
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join([lines[0], "|---" * len(rows[0]) + "|", *lines[1:]])
+
+
+def _milestone_cell(x: float | None, name: str, base_ppl: float | None) -> str:
+    if x is None:
+        return "—"
+    if name not in LOG_SCALE:
+        return f"{x:.2f}"
+    value = f"{x:.1f}" if x < 100 else f"{round(x):,}"
+    if not base_ppl:
+        return value
+    ratio = x / base_ppl
+    return f"{value} ({ratio:.2f}×)" if ratio < 10 else f"{value} ({round(ratio):,}×)"

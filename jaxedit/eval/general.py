@@ -275,6 +275,11 @@ def cached_known_to(
     return facts, scored
 
 
+# The words `with_known_facts` adds to a suite's facts source, by which a run's results say
+# their known-facts accuracy is over facts the unedited model knows (1.0 unedited).
+KNOWN_FILTER_NOTE = "known to the unedited model"
+
+
 def with_known_facts(suite: GeneralSuite, lm: LanguageModel) -> GeneralSuite:
     """`suite` with only the first `known_n` candidate facts that the unedited `lm` knows
     (unchanged without `known_n`); fewer, with a line on stderr, when the candidates run out."""
@@ -288,7 +293,7 @@ def with_known_facts(suite: GeneralSuite, lm: LanguageModel) -> GeneralSuite:
             f"({suite.known_n} asked){lack}",
             file=sys.stderr,
         )
-    source = f"{suite.facts_source}: {len(facts)} known to the unedited model of {scored} scored"
+    source = f"{suite.facts_source}: {len(facts)} {KNOWN_FILTER_NOTE} of {scored} scored"
     return dataclasses.replace(suite, facts=tuple(facts), facts_source=source, known_n=None)
 
 
