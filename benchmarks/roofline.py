@@ -365,9 +365,8 @@ def p_mend_edit(lm, peak, bw):
     stacked = {(s, layer) for s, layer in layout.weights}
     n_stacks = len({s for s, _ in stacked})
     stack_bytes = 4 * L * cfg.d_model * cfg.d_ff  # one [L, D, F] MLP kernel stack
-    # the forward reads every weight; the new model writes (and reads) each edited stack
-    nbytes = L * layer_bytes(cfg) + embed_bytes(cfg) + 2 * n_stacks * stack_bytes
     copied = 2 * n_stacks * stack_bytes  # apply: each edited stack read and written
+    nbytes = L * layer_bytes(cfg) + embed_bytes(cfg) + copied  # + the forward reads every weight
     return roofline(
         "mend_edit", flops, nbytes, t, peak, bw,
         edited_weights=len(stacked),

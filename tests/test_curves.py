@@ -317,7 +317,7 @@ def test_final_table(tmp_path):
     assert rows == ["ROME-seq", "MEMIT-seq", "unedited (ROME-seq)", "unedited (MEMIT-seq)"]
 
 
-def with_known_facts(result: dict, accs: list[float], source: str) -> dict:
+def add_known_facts(result: dict, accs: list[float], source: str) -> dict:
     """`result` with a known-facts accuracy on each curve point, measured on `source`."""
     for point, acc in zip(result["curve"], accs, strict=True):
         point["general"]["known_facts_acc"] = acc
@@ -326,9 +326,9 @@ def with_known_facts(result: dict, accs: list[float], source: str) -> dict:
 
 
 def test_comparable_known_facts_drops_only_unfiltered_accuracies():
-    known = with_known_facts(synthetic(), [0.9, 0.5, 0.25], f"cf.json: 3 {KNOWN_FILTER_NOTE} of 9")
+    known = add_known_facts(synthetic(), [0.9, 0.5, 0.25], f"cf.json: 3 {KNOWN_FILTER_NOTE} of 9")
     assert curves.comparable_known_facts(known) is known
-    old = with_known_facts(synthetic(), [0.07, 0.06, 0.05], "cf.json (records not edited)")
+    old = add_known_facts(synthetic(), [0.07, 0.06, 0.05], "cf.json (records not edited)")
     kept = curves.comparable_known_facts(old)
     assert [p["general"].get("known_facts_acc") for p in kept["curve"]] == [None] * 3
     assert "known_facts_acc" not in kept["general"]["edited"]
@@ -336,10 +336,10 @@ def test_comparable_known_facts_drops_only_unfiltered_accuracies():
 
 
 def test_milestone_table(tmp_path):
-    res = with_known_facts(synthetic("rome"), [0.9, 0.5, 0.25], f"cf: 3 {KNOWN_FILTER_NOTE} of 9")
+    res = add_known_facts(synthetic("rome"), [0.9, 0.5, 0.25], f"cf: 3 {KNOWN_FILTER_NOTE} of 9")
     res["curve"][-1]["general"]["wikitext_ppl"] = 12_345.6  # the last point has collapsed
     a = curves.from_result(curves.comparable_known_facts(res), "ROME-seq")
-    old = with_known_facts(synthetic("memit"), [0.07, 0.06, 0.05], "cf.json (not edited)")
+    old = add_known_facts(synthetic("memit"), [0.07, 0.06, 0.05], "cf.json (not edited)")
     b_dir = write_in_progress(tmp_path / "b", curves.comparable_known_facts(old), 2)
     b = curves.load_run(b_dir, "MEMIT-seq")
     # At 2 and 6 edits, and the unfinished run's last point (4); its perplexity as a multiple

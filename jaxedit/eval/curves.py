@@ -389,9 +389,8 @@ def milestone_table(
     plus the run's last point when it is none of them (an unfinished run). Scores to two
     places, "—" where a point lacks a value; perplexity with its multiple of the unedited value
     (the run's own, else the one the finished runs agree on)."""
-    base_ppl = {
-        r.label: r.unedited("wikitext_ppl") or common_unedited(runs, "wikitext_ppl") for r in runs
-    }
+    shared_ppl = common_unedited(runs, "wikitext_ppl")
+    base_ppl = {r.label: r.unedited("wikitext_ppl") or shared_ppl for r in runs}
     rows = [["method", "edits", *[HEADERS.get(n, n) for n in names]]]
     for r in runs:
         points = [p for p in r.curve if p["edits"] in at]
