@@ -1,5 +1,7 @@
 """What a benchmark ran on, for its JSON: XLA's and PyTorch's CPU kernels differ with the
-instruction set (AVX2 / AVX-512 / AMX), so a ratio means something only beside these flags.
+instruction set (AVX2 / AVX-512 / AMX), so a ratio means something only beside these flags;
+on a GPU, the accelerator and the matmul precision. `torch_device` puts a PyTorch baseline on
+the same kind of device as jaxedit.
 
 Imports jax only when called: `mesh.py` must set XLA_FLAGS before jax is first imported.
 """
@@ -38,4 +40,36 @@ def machine() -> dict:
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        **accelerator(),
     }
+
+
+def accelerator() -> dict:
+    """The accelerator jax runs on ({} on a CPU-only run), and its matmul precision setting:
+    XLA on NVIDIA GPUs takes fp32 matrix products in TF32 unless told "highest"."""
+    import jax
+
+    if jax.default_backend() == "cpu":
+        return {}
+    return {
+        "accelerator": jax.devices()[0].device_kind,
+        "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+    }
+
+
+def torch_device():
+    """Where a PyTorch baseline runs: on the GPU when jaxedit runs on one (same hardware on
+    both sides of a ratio), else on the CPU."""
+    import jax
+    import torch
+
+    on_gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    return torch.device("cuda" if on_gpu else "cpu")
+
+
+def torch_sync(device) -> None:
+    """Wait for the device's queued kernels, so that a wall-clock interval covers them."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

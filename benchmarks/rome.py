@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import accelerator, torch_device, torch_sync  # benchmarks/machine.py
 
 import jaxedit as je
 from jaxedit import stats
@@ -75,7 +76,8 @@ def torch_stats(
     import torch
 
     F = model.config.intermediate_size
-    acc = torch.zeros(F, F, dtype=torch.float32)
+    dev = model.device
+    acc = torch.zeros(F, F, dtype=torch.float32, device=dev)
     count = 0
     feats = {}
 
@@ -92,6 +94,7 @@ def torch_stats(
     with torch.no_grad():
         for tokens, mask in length_collation(docs, batch_tokens):
             ids, m = torch.from_numpy(tokens).long(), torch.from_numpy(mask).long()
+            ids, m = ids.to(dev), m.to(dev)
             try:
                 model(input_ids=ids, attention_mask=m)
             except Stop:
@@ -100,7 +103,8 @@ def torch_stats(
             acc += k.T @ k
             count += int(m.sum())
     h.remove()
-    return (acc / count).numpy(), count, time.perf_counter() - t0
+    torch_sync(dev)
+    return (acc / count).cpu().numpy(), count, time.perf_counter() - t0
 
 
 def torch_edit(model, lm, hp, C, templates: tuple[str, ...]) -> tuple:
@@ -112,8 +116,9 @@ def torch_edit(model, lm, hp, C, templates: tuple[str, ...]) -> tuple:
         lm.tokenizer, REQ.prompt, REQ.subject, REQ.target_new, templates, (hp.kl_prompt,)
     )
     R = len(templates)
-    ids = torch.from_numpy(b.tokens).long()
-    mask = torch.from_numpy(b.mask).long()
+    dev = model.device
+    ids = torch.from_numpy(b.tokens).long().to(dev)
+    mask = torch.from_numpy(b.mask).long().to(dev)
     lookup = b.lookup.tolist()
     layer = hp.layer
     mlp = model.model.layers[layer].mlp
@@ -128,10 +133,10 @@ def torch_edit(model, lm, hp, C, templates: tuple[str, ...]) -> tuple:
     keys = torch.stack([got["k"][i, lookup[i]] for i in range(R)]).double()
     vals = torch.stack([got["v"][i, lookup[i]] for i in range(R)]).double()
     k_star = keys.mean(0)
-    u = torch.linalg.solve(torch.from_numpy(np.asarray(C, np.float64)), k_star)
+    u = torch.linalg.solve(torch.from_numpy(np.asarray(C, np.float64)).to(dev), k_star)
     u = u / u.norm()
     # compute_v: δ at the MLP output, full forward each step, Python loop
-    delta = torch.zeros(lm.config.d_model, requires_grad=True)
+    delta = torch.zeros(lm.config.d_model, requires_grad=True, device=dev)
     target_init = got["v"][0, lookup[0]].detach().clone()
 
     def add_delta(m, i, out):
@@ -143,8 +148,8 @@ def torch_edit(model, lm, hp, C, templates: tuple[str, ...]) -> tuple:
     h = mlp.register_forward_hook(add_delta)
     opt = torch.optim.Adam([delta], lr=hp.v_lr)
     n_real = int(b.weights.sum())  # drop the padding of the target-length bucket
-    targets = torch.from_numpy(b.targets[:, :n_real]).long()
-    pos = torch.from_numpy(b.logit_pos[:, :n_real]).long()
+    targets = torch.from_numpy(b.targets[:, :n_real]).long().to(dev)
+    pos = torch.from_numpy(b.logit_pos[:, :n_real]).long().to(dev)
     kl_init = None
     steps = 0
     for it in range(hp.v_num_grad_steps):
@@ -152,7 +157,7 @@ def torch_edit(model, lm, hp, C, templates: tuple[str, ...]) -> tuple:
         opt.zero_grad()
         logits = model(input_ids=ids, attention_mask=mask).logits
         logp = torch.log_softmax(logits.float(), dim=-1)
-        rows = torch.arange(R)[:, None]
+        rows = torch.arange(R, device=dev)[:, None]
         tok_logp = logp[rows, pos[:R]].gather(-1, targets[..., None])[..., 0]
         nll = (-tok_logp.mean(-1)).mean()
         kl_logp = logp[R, lookup[R]][None]
@@ -172,7 +177,8 @@ def torch_edit(model, lm, hp, C, templates: tuple[str, ...]) -> tuple:
     h.remove()
     v_star = target_init.double() + delta.detach().double()
     right = (v_star - vals.mean(0)) / torch.dot(k_star, u)
-    return u.numpy(), right.numpy(), steps, time.perf_counter() - t0
+    torch_sync(dev)
+    return u.cpu().numpy(), right.cpu().numpy(), steps, time.perf_counter() - t0
 
 
 def main():
@@ -196,7 +202,7 @@ def main():
     with tempfile.TemporaryDirectory() as d:
         save_hf(lm, Path(d) / "m")
         model = AutoModelForCausalLM.from_pretrained(Path(d) / "m", dtype=torch.float32)
-    model.eval()
+    model = model.eval().to(torch_device())
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -231,6 +237,8 @@ def main():
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "cpu_affinity": sorted(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
+        "torch_device": str(model.device),
+        **accelerator(),
         "stats": {
             "tokens": n_tok,
             "jaxedit_tokens_per_s": round(n_tok / jax_stats_s, 1),

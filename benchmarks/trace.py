@@ -36,6 +36,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from machine import accelerator, torch_device, torch_sync  # benchmarks/machine.py
 
 from jaxedit import compile_cache
 from jaxedit.io.checkpoint import load, save_hf
@@ -53,14 +54,17 @@ def torch_loop(lm, ids, subject_range, eps, answer, cells, window) -> dict:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # as many threads as cores we may use
+    device = torch_device()
     with tempfile.TemporaryDirectory() as d:
         save_hf(lm, Path(d) / "m")
         model = AutoModelForCausalLM.from_pretrained(Path(d) / "m", dtype=torch.float32).eval()
+    model = model.to(device)
     b, e = subject_range
     S, L = eps.shape[0], lm.config.n_layers
-    inp = torch.tensor([ids] * (S + 1))
+    inp = torch.tensor([ids] * (S + 1), device=device)
     noise = torch.zeros(S + 1, len(ids), lm.config.d_model)
     noise[1:, b:e] = torch.from_numpy(eps[:, b:e])
+    noise = noise.to(device)
     blocks = model.model.layers
     module = {
         "hidden": lambda i: blocks[i],
@@ -85,7 +89,8 @@ def torch_loop(lm, ids, subject_range, eps, answer, cells, window) -> dict:
             hooks += [module[kind](j).register_forward_hook(restore(t)) for j in range(lo, hi)]
             logits = model(input_ids=inp).logits  # every position, as the original
             probs = torch.softmax(logits[1:, -1], dim=-1)[:, answer]
-            out[(kind, t, layer)] = float(probs.mean())
+            out[(kind, t, layer)] = float(probs.mean())  # .item() waits for the device
+            torch_sync(device)
             for h in hooks:
                 h.remove()
             times.append(time.perf_counter() - t0)
@@ -472,6 +477,7 @@ def main():
             "(eager, fp32), forward hooks adding the noise and copying row 0's states, one "
             "forward of samples+1 rows per cell, full logits, exact prompt length",
             "torch": torch.__version__,
+            "device": str(torch_device()),
             "threads": torch.get_num_threads(),
             "cells_timed": len(times) - 1,
             "per_cell_s": torch_cell_s,
@@ -510,6 +516,7 @@ def main():
         "high_score": warm["high_score"],
         "low_score": warm["low_score"],
         "backend": jax.default_backend(),
+        **accelerator(),
         "cpu_count": os.cpu_count(),
         "load_avg_1min_at_end": os.getloadavg()[0],
         "platform": platform.platform(),
