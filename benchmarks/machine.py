@@ -54,6 +54,7 @@ def accelerator() -> dict:
     return {
         "accelerator": jax.devices()[0].device_kind,
         "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 

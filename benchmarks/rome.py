@@ -212,6 +212,8 @@ def main():
     t0 = time.perf_counter()
     C, _ = second_moment(lm, hp.layer, c.docs)  # ... then the steady state
     jax_stats_s = time.perf_counter() - t0
+    # PyTorch warmed up too (on a GPU its first batches load kernels and the allocator).
+    torch_stats(model, hp.layer, c.docs[:8], 4096)
     C_t, _, torch_stats_s = torch_stats(model, hp.layer, c.docs, 4096)
     _, _, torch_full_s = torch_stats(model, hp.layer, c.docs, 4096, stop=False)
     c_err = float(np.max(np.abs(C - C_t)) / np.max(np.abs(C)))

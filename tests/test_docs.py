@@ -217,3 +217,17 @@ def test_readme_side_by_side_table_is_the_collected_runs():
     table = module.side_by_side()
     assert len(table.splitlines()) > 2 + len(module.SIDE_BY_SIDE)  # every run has rows
     assert table in README.read_text()
+
+
+def test_readme_gpu_table_is_the_committed_gpu_run():
+    """The README's GPU table is what `benchmarks/gpu_table.py` prints from the JSON of the
+    H200 run (benchmarks/results/gpu_h200/): every benchmark there has its row."""
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "gpu_table.py"
+    spec = importlib.util.spec_from_file_location("gpu_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.gpu_table()
+    assert len(table.splitlines()) == 2 + len(list(module.RESULTS.glob("*.json"))) + 1  # rome: 2
+    assert table in README.read_text()
