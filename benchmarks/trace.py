@@ -448,8 +448,10 @@ def main():
         )
     ]
     loop = dict(clean_row=True, full_logits=True, pad_to_bucket=False, **kw)
+    # Compile: one cell of each kind (each kind patches another site: its own program).
+    first_of_kind = [next(c for c in cells if c[0] == kind) for kind in tr.KINDS]
     t = time.perf_counter()
-    tr.trace_loop(lm, args.prompt, args.subject, cells=cells[:1], **loop)  # compile
+    tr.trace_loop(lm, args.prompt, args.subject, cells=first_of_kind, **loop)
     baseline_warmup_s = time.perf_counter() - t
     t = time.perf_counter()
     ref = tr.trace_loop(lm, args.prompt, args.subject, cells=cells, **loop)
