@@ -40,8 +40,19 @@ def machine() -> dict:
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "transparent_hugepages": _thp_mode(),
         **accelerator(),
     }
+
+
+def _thp_mode() -> str:
+    """The kernel's transparent-huge-page mode ("madvise": only memory that asks gets 2 MB
+    pages; numpy asks for its large arrays, XLA does not): benchmarks/fresh_buffers.py."""
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "unknown"
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else text.strip()
 
 
 def accelerator() -> dict:

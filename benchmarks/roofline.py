@@ -326,7 +326,7 @@ def p_rome_step(lm, peak, bw, layer, steps=5):
     )  # fmt: skip
 
 
-def p_mend_edit(lm, peak, bw):
+def p_mend_edit(lm, peak, bw, xla_write_bw):
     import jaxedit as je
     from jaxedit.eval import datasets as data_mod
     from jaxedit.methods import mend
@@ -376,11 +376,14 @@ def p_mend_edit(lm, peak, bw):
         apply_cpu_s=t_apply["cpu_s"],
         apply_bytes=copied,
         apply_gbs=copied / t_apply["cpu_s"] / 1e9,
+        apply_fraction_of_xla_write_rate=copied / t_apply["cpu_s"] / xla_write_bw,
         note="latency_over_own_forward_backward: the whole edit (factors, editor, updates, the "
         "new parameter tree) over the edit's own forward + backward (edit_factors: the forward "
         "of all blocks and the backward through the edited ones), its lower bound; "
         "compute_cpu_s / apply_cpu_s: METHOD.compute (factors, editor) and je.apply (the new "
-        "params: apply_bytes read and written, at apply_gbs)",
+        "params: apply_bytes read and written, at apply_gbs); apply_fraction_of_xla_write_rate: "
+        "apply_gbs over bandwidth.xla_gbs, the rate at which XLA writes any new array here "
+        "(fresh buffers faulted in 4 KB pages: benchmarks/fresh_buffers.py)",
     )  # fmt: skip
 
 
@@ -486,7 +489,7 @@ def main() -> None:
         "trace": lambda: p_trace(lm, peak, bw, rows),
         "stats": lambda: p_stats(lm, peak, bw, rome_layer, docs, torch_model, args.stats_rounds),
         "rome_step": lambda: p_rome_step(lm, peak, bw, rome_layer),
-        "mend_edit": lambda: p_mend_edit(lm, peak, bw),
+        "mend_edit": lambda: p_mend_edit(lm, peak, bw, result["bandwidth"]["xla_gbs"] * 1e9),
         "eval_scoring": lambda: p_eval_scoring(lm, peak, bw),
     }
     pipelines = {}
