@@ -36,7 +36,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from machine import accelerator, torch_device, torch_sync  # benchmarks/machine.py
+from machine import accelerator, torch_device  # benchmarks/machine.py
 
 from jaxedit import compile_cache
 from jaxedit.io.checkpoint import load, save_hf
@@ -89,8 +89,7 @@ def torch_loop(lm, ids, subject_range, eps, answer, cells, window) -> dict:
             hooks += [module[kind](j).register_forward_hook(restore(t)) for j in range(lo, hi)]
             logits = model(input_ids=inp).logits  # every position, as the original
             probs = torch.softmax(logits[1:, -1], dim=-1)[:, answer]
-            out[(kind, t, layer)] = float(probs.mean())  # .item() waits for the device
-            torch_sync(device)
+            out[(kind, t, layer)] = float(probs.mean())  # float() waits for the device
             for h in hooks:
                 h.remove()
             times.append(time.perf_counter() - t0)

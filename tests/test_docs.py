@@ -205,15 +205,20 @@ def test_demo_step_3_checks_what_step_4_scores():
     assert shown["reverse question"] == [q.prompt for q in demo.FACT.reverse]
 
 
+def benchmark_script(name: str):
+    """`benchmarks/<name>.py` loaded as a module (the folder is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_readme_side_by_side_table_is_the_collected_runs():
     """The README's table of the 2,000-edit runs is what `benchmarks/side_by_side.py` prints
     from the committed results (no number typed by hand)."""
-    import importlib.util
-
-    path = ROOT / "benchmarks" / "side_by_side.py"
-    spec = importlib.util.spec_from_file_location("side_by_side", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script("side_by_side")
     table = module.side_by_side()
     assert len(table.splitlines()) > 2 + len(module.SIDE_BY_SIDE)  # every run has rows
     assert table in README.read_text()
@@ -222,12 +227,7 @@ def test_readme_side_by_side_table_is_the_collected_runs():
 def test_readme_gpu_table_is_the_committed_gpu_run():
     """The README's GPU table is what `benchmarks/gpu_table.py` prints from the JSON of the
     H200 run (benchmarks/results/gpu_h200/): every benchmark there has its row."""
-    import importlib.util
-
-    path = ROOT / "benchmarks" / "gpu_table.py"
-    spec = importlib.util.spec_from_file_location("gpu_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script("gpu_table")
     table = module.gpu_table()
     assert len(table.splitlines()) == 2 + len(list(module.RESULTS.glob("*.json"))) + 1  # rome: 2
     assert table in README.read_text()
