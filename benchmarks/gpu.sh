@@ -45,8 +45,10 @@ stage forward_bf16 60 $B/forward.py --batch 8 --tokens 64 --repeats 20 --dtype b
     --out "$OUT/forward_bf16.json"
 stage trace 100 $B/trace.py --out "$OUT"
 stage rome 90 $B/rome.py --out "$OUT/rome.json"
-# 1,000 edits, every method in one process (MEMIT one solve, AlphaEdit in rounds of 100, ROME
-# one by one, then batched vs looped z); z in 32 lanes, not the CPU preset's 8: a GPU step on
-# 8 lanes is launch-bound. ROME's figures are saved every 50 edits, so a stop keeps them.
-stage many_edits 840 $B/many_edits.py --n 1000 --round-size 100 --z-n 32 --set z_lanes=32 \
+# 1,000 edits, every method in one process (MEMIT one solve, AlphaEdit in rounds of 100, batched
+# vs looped z, then ROME one by one); z in 32 lanes, not the CPU preset's 8 (a GPU has room
+# for wider batches). ROME's figures are saved every 50 edits, so a stop keeps them. On the
+# H200 the stage needs ~15 min (MEMIT 187 s, AlphaEdit 142 s, z 55 s, ROME ~480 s): more than
+# a 15-minute loan with the model staged; `many_edits.py --only rome` alone fits.
+stage many_edits 1000 $B/many_edits.py --n 1000 --round-size 100 --z-n 32 --set z_lanes=32 \
     --out "$OUT/many_edits.json"

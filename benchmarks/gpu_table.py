@@ -1,10 +1,11 @@
-"""The README's GPU table ("Benchmarks", "On a GPU"), printed from the JSON that
+"""The README's GPU tables ("Benchmarks", "On a GPU"), printed from the JSON that
 `benchmarks/gpu.sh` wrote on the lent H200 (`benchmarks/results/gpu_h200/`): jaxedit and the
-PyTorch baseline on the same GPU, the ratio, and how closely the two agree.
+PyTorch baseline on the same GPU, the ratio, and how closely the two agree; then the many-edits
+run (`many_edits.json`): each method's time for the same CounterFact edits, and its efficacy.
 
     uv run python benchmarks/gpu_table.py [benchmarks/results/gpu_h200]
 
-`tests/test_docs.py` checks that the README holds exactly this table.
+`tests/test_docs.py` checks that the README holds exactly these tables.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_h200"
 HEADER = "| benchmark | jaxedit | PyTorch, same GPU | ratio | agreement |\n|---|---|---|---|---|"
+MANY_HEADER = "| method | edits | seconds | per edit | efficacy |\n|---|---|---|---|---|"
+PYTORCH_RUNS = ("forward", "forward_bf16", "trace", "rome")  # gpu_table's files; many_edits apart
 
 
 def _read(results: Path, name: str) -> dict | None:
@@ -67,6 +70,38 @@ def _rome_rows(r: dict) -> list[str]:
     ]
 
 
+def many_edits_table(results: Path = RESULTS) -> str:
+    """MEMIT's one solve, AlphaEdit's rounds, ROME one by one: edits done, wall seconds (compiles
+    included), seconds per edit and efficacy. A ROME run stopped by its limit (`partial`) gives
+    the edits it did and its median edit."""
+    r = _read(results, "many_edits")
+    if r is None:
+        return ""
+    rows = [MANY_HEADER]
+    m, a, ro = r.get("memit"), r.get("alphaedit"), r.get("rome")
+    if m:
+        rows.append(
+            f"| MEMIT, one solve (z in {r['z']['lanes'] if 'z' in r else '?'} lanes) "
+            f"| {m['edits']:,} | {m['seconds']:.0f} (z {m['z_seconds']:.0f}) "
+            f"| {m['seconds_per_edit']:.3f} s | {m['efficacy']:.3f} |"
+        )
+    if a:
+        rows.append(
+            f"| AlphaEdit, {a['rounds']} rounds of {a['round_size']} | {a['edits']:,} "
+            f"| {a['seconds']:.0f} | {a['seconds_per_edit']:.3f} s | {a['efficacy']:.3f} |"
+        )
+    if ro:
+        stopped = ro.get("partial", False)
+        done = f"{ro['edits']:,} of {r['n']:,} (stopped)" if stopped else f"{ro['edits']:,}"
+        eff = "— (not scored when stopped)" if stopped else f"{ro['efficacy']:.3f}"
+        rows.append(
+            f"| ROME, one by one | {done} | {ro['seconds']:.0f} "
+            f"| {ro['seconds_per_edit']:.3f} s (median {ro['median_edit_seconds']:.3f} s) "
+            f"| {eff} |"
+        )
+    return "\n".join(rows)
+
+
 def gpu_table(results: Path = RESULTS) -> str:
     rows = [HEADER]
     for name in ("forward", "forward_bf16"):
@@ -80,4 +115,7 @@ def gpu_table(results: Path = RESULTS) -> str:
 
 
 if __name__ == "__main__":
-    print(gpu_table(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS))
+    where = Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS
+    print(gpu_table(where))
+    print()
+    print(many_edits_table(where))

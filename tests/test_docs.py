@@ -225,9 +225,15 @@ def test_readme_side_by_side_table_is_the_collected_runs():
 
 
 def test_readme_gpu_table_is_the_committed_gpu_run():
-    """The README's GPU table is what `benchmarks/gpu_table.py` prints from the JSON of the
-    H200 run (benchmarks/results/gpu_h200/): every benchmark there has its row."""
+    """The README's GPU tables are what `benchmarks/gpu_table.py` prints from the JSON of the
+    H200 runs (benchmarks/results/gpu_h200/): every benchmark there has its row."""
     module = benchmark_script("gpu_table")
     table = module.gpu_table()
-    assert len(table.splitlines()) == 2 + len(list(module.RESULTS.glob("*.json"))) + 1  # rome: 2
+    runs = [p.stem for p in module.RESULTS.glob("*.json")]
+    pytorch_runs = [r for r in runs if r in module.PYTORCH_RUNS]
+    assert len(table.splitlines()) == 2 + len(pytorch_runs) + 1  # rome: 2 rows
     assert table in README.read_text()
+    assert set(runs) <= {*module.PYTORCH_RUNS, "many_edits"}, runs
+    many = module.many_edits_table()
+    assert len(many.splitlines()) == 2 + 3  # MEMIT, AlphaEdit, ROME
+    assert many in README.read_text()
