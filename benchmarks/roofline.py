@@ -25,6 +25,9 @@ Pipelines:
     rome_step     one v* step (forward from ROME's layer + backward to δ, 21 template rows)
     mend_edit     one MEND edit returning a new model; also as a multiple of its own forward
                   + backward (the edit's gradient factors: its lower bound)
+    mend_edit_in_place
+                  one MEND edit of a sequence, replacing the model (`je.apply(..., donate=True)`:
+                  the edited layers written into the old stacks' buffers)
     eval_scoring  teacher-forced scoring of the queries of 40 CounterFact cases
 
 With PyTorch installed, the statistics are also run by benchmarks/rome.py's reference
@@ -326,8 +329,9 @@ def p_rome_step(lm, peak, bw, layer, steps=5):
     )  # fmt: skip
 
 
-def p_mend_edit(lm, peak, bw, xla_write_bw):
-    import jaxedit as je
+def _mend_setup(lm):
+    """An (untrained) MEND editor's state, one CounterFact request, the edit's own forward +
+    backward (its lower bound), its FLOPs and the bytes its forward reads."""
     from jaxedit.eval import datasets as data_mod
     from jaxedit.methods import mend
     from jaxedit.methods.mend import editor as ed
@@ -342,12 +346,6 @@ def p_mend_edit(lm, peak, bw, xla_write_bw):
     )
     state = method.make_state(lm, trained)
     req = data_mod.load(DATA / "counterfact" / "counterfact-edit.json", n=1).requests[0]
-    t = timed(lambda: je.apply(lm, mend.METHOD.compute(lm, state, [req])[0]).params, 5.0, 10)
-    edit = mend.METHOD.compute(lm, state, [req])[0]
-    # The two halves: the factors and the editor, then the new parameter tree (each edited
-    # [L, D, F] stack written anew: immutable params, no donated buffer).
-    t_compute = timed(lambda: jax.tree.leaves(mend.METHOD.compute(lm, state, [req])[0]), 3.0, 10)
-    t_apply = timed(lambda: je.apply(lm, edit).params, 3.0, 10)
     ids, lab = inputs.encode_pair(lm.tokenizer, req.rewrite_prompt, req.target_new)
     enc = inputs.pad_pairs(lm.tokenizer, [(ids, lab)], 16)
 
@@ -357,18 +355,31 @@ def p_mend_edit(lm, peak, bw, xla_write_bw):
 
     t_fb = timed(lambda: own(lm.params, *enc), 3.0, 20)
     B, T = enc[0].shape
-    first = fa.first_layer(layout)
-    top = L - first
+    top = L - fa.first_layer(layout)
     flops = B * (L * block_flops(cfg, T, T) + top * block_flops(cfg, T, T)) + 2 * logits_flops(
         cfg, B * 8
     )
+    read = L * layer_bytes(cfg) + embed_bytes(cfg)  # the forward reads every weight
+    return mend.METHOD, state, req, layout, t_fb, flops, read
+
+
+def p_mend_edit(lm, peak, bw, xla_write_bw):
+    import jaxedit as je
+
+    M, state, req, layout, t_fb, flops, read = _mend_setup(lm)
+    cfg, L = lm.config, lm.config.n_layers
+    t = timed(lambda: je.apply(lm, M.compute(lm, state, [req])[0]).params, 5.0, 10)
+    edit = M.compute(lm, state, [req])[0]
+    # The two halves: the factors and the editor, then the new parameter tree (each edited
+    # [L, D, F] stack written anew: immutable params, no donated buffer).
+    t_compute = timed(lambda: jax.tree.leaves(M.compute(lm, state, [req])[0]), 3.0, 10)
+    t_apply = timed(lambda: je.apply(lm, edit).params, 3.0, 10)
     stacked = {(s, layer) for s, layer in layout.weights}
     n_stacks = len({s for s, _ in stacked})
     stack_bytes = 4 * L * cfg.d_model * cfg.d_ff  # one [L, D, F] MLP kernel stack
     copied = 2 * n_stacks * stack_bytes  # apply: each edited stack read and written
-    nbytes = L * layer_bytes(cfg) + embed_bytes(cfg) + copied  # + the forward reads every weight
     return roofline(
-        "mend_edit", flops, nbytes, t, peak, bw,
+        "mend_edit", flops, read + copied, t, peak, bw,
         edited_weights=len(stacked),
         own_forward_backward_cpu_s=t_fb["cpu_s"],
         latency_over_own_forward_backward=t["cpu_s"] / t_fb["cpu_s"],
@@ -384,6 +395,40 @@ def p_mend_edit(lm, peak, bw, xla_write_bw):
         "params: apply_bytes read and written, at apply_gbs); apply_fraction_of_xla_write_rate: "
         "apply_gbs over bandwidth.xla_gbs, the rate at which XLA writes any new array here "
         "(fresh buffers faulted in 4 KB pages: benchmarks/fresh_buffers.py)",
+    )  # fmt: skip
+
+
+def p_mend_edit_in_place(lm, peak, bw):
+    """MEND edits in sequence, each replacing the model: `je.apply(..., donate=True)` writes
+    the edited layers into the old stacks' buffers, so only those layers are moved."""
+    import jaxedit as je
+
+    M, state, req, layout, t_fb, flops, read = _mend_setup(lm)
+    cfg = lm.config
+    current = [lm.with_params(jax.tree.map(jnp.array, lm.params))]  # a copy to consume
+
+    def edit_in_place():
+        cur = current[0]
+        current[0] = je.apply(cur, M.compute(cur, state, [req])[0], donate=True)
+        return current[0].params
+
+    t = timed(edit_in_place, 5.0, 10)
+    edit = M.compute(current[0], state, [req])[0]
+
+    def apply_in_place():
+        current[0] = je.apply(current[0], edit, donate=True)
+        return current[0].params
+
+    t_apply = timed(apply_in_place, 3.0, 20)
+    written = 2 * len(layout.weights) * 4 * cfg.d_model * cfg.d_ff  # edited layers, read + write
+    return roofline(
+        "mend_edit_in_place", flops, read + written, t, peak, bw,
+        own_forward_backward_cpu_s=t_fb["cpu_s"],
+        latency_over_own_forward_backward=t["cpu_s"] / t_fb["cpu_s"],
+        apply_cpu_s=t_apply["cpu_s"],
+        note="one MEND edit of a sequence, the model replaced (je.apply(..., donate=True): the "
+        "edited stacks updated in their own buffers); latency_over_own_forward_backward as "
+        "mend_edit's; apply_cpu_s: the in-place je.apply alone",
     )  # fmt: skip
 
 
@@ -490,6 +535,7 @@ def main() -> None:
         "stats": lambda: p_stats(lm, peak, bw, rome_layer, docs, torch_model, args.stats_rounds),
         "rome_step": lambda: p_rome_step(lm, peak, bw, rome_layer),
         "mend_edit": lambda: p_mend_edit(lm, peak, bw, result["bandwidth"]["xla_gbs"] * 1e9),
+        "mend_edit_in_place": lambda: p_mend_edit_in_place(lm, peak, bw),
         "eval_scoring": lambda: p_eval_scoring(lm, peak, bw),
     }
     pipelines = {}

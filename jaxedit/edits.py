@@ -162,8 +162,11 @@ def _summed(deltas: Iterable[WeightDelta], matrix: Callable[[WeightDelta], Any])
     return out
 
 
-def apply_weight_edit(params: dict, edit: WeightEdit) -> dict:
+def apply_weight_edit(params: dict, edit: WeightEdit, *, donate: bool = False) -> dict:
     """New params with every delta added (fp32 arithmetic, stored in the param dtype).
+
+    `donate=True`: the edited stacks are updated in their own buffers (`add_to_weights`), and
+    `params` must not be used again.
 
     Sharded params (`jaxedit.models.sharding`) stay sharded, and the model is never gathered:
     each ΔW is formed on the devices already split like the weight it joins (the factors are
@@ -189,7 +192,7 @@ def apply_weight_edit(params: dict, edit: WeightEdit) -> dict:
         sharding = _mesh_sharding(stacked)
         matrix = functools.partial(_matrix_on, stacked=sharding)
         deltas = jnp.stack([_summed(per_layer[x], matrix)[(site, x)] for x in layers])
-        params = add_to_weights(params, site, layers, deltas)
+        params = add_to_weights(params, site, layers, deltas, donate=donate)
         if sharding is not None:
             new = _leaf(params, weight_path(site))
             if new.sharding != sharding:  # a no-op where XLA kept the layout (it does on CPU)
@@ -329,16 +332,22 @@ Edit = WeightEdit | ContextEdit
 # ----------------------------------------------------------------------------- apply / compose
 
 
-def apply(lm: LanguageModel, edit: Edit) -> LanguageModel:
+def apply(lm: LanguageModel, edit: Edit, *, donate: bool = False) -> LanguageModel:
     """A new model with `edit` applied; `lm` is untouched.
 
     A weight edit changes params; a context edit joins the model's context (composed after
     any context it already has).
+
+    `donate=True` (weight edits) trades that guarantee for speed where the old model is
+    dropped anyway, as in sequential editing (`lm = apply(lm, edit, donate=True)`): each
+    edited weight stack is updated in place, its buffer given to XLA, instead of written anew
+    (on a CPU a new 106 MB stack costs ~0.1 s, in place ~1 ms). The stacks the edit touches are
+    deleted from `lm` and from every model sharing them, which then raise on use.
     """
     if isinstance(edit, WeightEdit):
         if not edit.deltas:
             return lm
-        return lm.with_params(apply_weight_edit(lm.params, edit))
+        return lm.with_params(apply_weight_edit(lm.params, edit, donate=donate))
     if isinstance(edit, ContextEdit):
         return lm.with_context(edit if lm.context is None else lm.context.compose(edit))
     raise InputError(f"not an edit: {type(edit).__name__}")

@@ -139,9 +139,16 @@ def item_apply(lm) -> dict:
         )
     )
     edited = je.apply(lm, edit)
+    # donated (in place) on a copy placed like the model, which `lm`'s other items still use
+    own = lm.with_params(
+        jax.tree.map(lambda x: jax.device_put(np.asarray(x), x.sharding), lm.params)
+    )
+    donated = je.apply(own, edit, donate=True)
     return {
         "apply": flat(edited.params),
         "apply_keeps_sharding": keeps_sharding(lm.params, edited.params),
+        "apply_donated": flat(donated.params),
+        "apply_donated_keeps_sharding": keeps_sharding(lm.params, donated.params),
     }
 
 

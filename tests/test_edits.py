@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_llama_config
@@ -71,6 +72,20 @@ def test_apply_adds_each_delta_to_its_weight_only(tiny):
     )
     np.testing.assert_array_equal(lm2.params["embed"], before["embed"])
     assert edit.sites() == [("mlp_gate", 0), ("mlp_out", 1), ("mlp_up", 2)]
+
+
+def test_apply_donated_equals_apply_and_consumes_only_the_edited_stacks(tiny):
+    """`donate=True` gives the same model; the edited stacks of the input are deleted (their
+    buffers reused), every other weight is shared and intact."""
+    edit = _edit()
+    want = je.apply(tiny, edit)
+    own = tiny.with_params(jax.tree.map(jnp.array, tiny.params))  # copies: `tiny` is shared
+    got = je.apply(own, edit, donate=True)
+    jax.tree.map(np.testing.assert_array_equal, _np(got.params), _np(want.params))
+    mlp = own.params["blocks"]["mlp"]
+    assert all(mlp[w]["kernel"].is_deleted() for w in ("down", "up", "gate"))
+    assert not own.params["embed"].is_deleted()
+    assert got.params["embed"] is own.params["embed"]
 
 
 def test_invert_restores_and_compose_equals_sequence(tiny):

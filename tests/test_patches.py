@@ -218,6 +218,13 @@ def test_add_to_weights_equals_per_layer_updates(layers):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(get_weight(params, "mlp_out", layers[0])), before)
+    # donated: the same numbers, written into the old stack's buffer, which is gone afterwards
+    own = jax.tree.map(jnp.array, params)  # copies: the golden model stays usable
+    donated = add_to_weights(own, "mlp_out", layers, deltas, donate=True)
+    for a, b in zip(jax.tree.leaves(donated), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert own["blocks"]["mlp"]["down"]["kernel"].is_deleted()
+    assert not own["blocks"]["mlp"]["up"]["kernel"].is_deleted()  # only the edited stack
     with pytest.raises(ValueError, match="one delta per distinct layer"):
         add_to_weights(params, "mlp_out", (1, 1), deltas[:1].repeat(2, 0))
     with pytest.raises(ValueError, match="out of range"):
