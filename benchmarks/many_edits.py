@@ -37,7 +37,8 @@ written after every stage (status says how far it got), and during ROME's edits 
 MEMIT's and AlphaEdit's file cache of z's is off here (`cache_z=False`: a z read back from a
 file is no z computed, and MEMIT's z's would serve AlphaEdit's first round); `--set
 cache_z=true` turns it on. `--set key=value` overrides a field of every method that has it
-(`--set rome.layer=5`: one method's); `--only memit,z` runs some stages. Runs of fewer than 100
+(`--set rome.layer=5`: one method's); `--only memit,z` runs some stages, always in the order
+memit, alphaedit, z, rome (the longest last). Runs of fewer than 100
 edits are smoke tests: they need an explicit `--out`, so they never replace
 benchmarks/results/many_edits.json.
 """
