@@ -16,6 +16,11 @@ OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [PYTHON [STAGE ...]]}
 PY=${2:-python3}
 shift $(($# < 2 ? $# : 2))
 ONLY=" $* "
+for s in "$@"; do
+    case $s in forward | forward_bf16 | trace | rome | many_edits) ;;
+    *) echo "gpu.sh: no stage '$s' (forward forward_bf16 trace rome many_edits)" >&2; exit 2 ;;
+    esac
+done
 mkdir -p "$OUT"
 LOG=$OUT/gpu.log
 export PYTHONUNBUFFERED=1

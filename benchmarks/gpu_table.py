@@ -70,6 +70,10 @@ def _rome_rows(r: dict) -> list[str]:
     ]
 
 
+def _score(stage: dict) -> str:
+    return f"{stage['efficacy']:.3f}" if "efficacy" in stage else "— (--no-score)"
+
+
 def many_edits_table(results: Path = RESULTS) -> str:
     """MEMIT's one solve, AlphaEdit's rounds, ROME one by one: edits done, wall seconds (compiles
     included), seconds per edit and efficacy. A ROME run stopped by its limit (`partial`) gives
@@ -81,19 +85,19 @@ def many_edits_table(results: Path = RESULTS) -> str:
     m, a, ro = r.get("memit"), r.get("alphaedit"), r.get("rome")
     if m:
         rows.append(
-            f"| MEMIT, one solve (z in {r['z']['lanes'] if 'z' in r else '?'} lanes) "
+            f"| MEMIT, one solve (z in {r['prepare']['memit']['hparams']['z_lanes']} lanes) "
             f"| {m['edits']:,} | {m['seconds']:.0f} (z {m['z_seconds']:.0f}) "
-            f"| {m['seconds_per_edit']:.3f} s | {m['efficacy']:.3f} |"
+            f"| {m['seconds_per_edit']:.3f} s | {_score(m)} |"
         )
     if a:
         rows.append(
             f"| AlphaEdit, {a['rounds']} rounds of {a['round_size']} | {a['edits']:,} "
-            f"| {a['seconds']:.0f} | {a['seconds_per_edit']:.3f} s | {a['efficacy']:.3f} |"
+            f"| {a['seconds']:.0f} | {a['seconds_per_edit']:.3f} s | {_score(a)} |"
         )
     if ro:
         stopped = ro.get("partial", False)
         done = f"{ro['edits']:,} of {r['n']:,} (stopped)" if stopped else f"{ro['edits']:,}"
-        eff = "— (not scored when stopped)" if stopped else f"{ro['efficacy']:.3f}"
+        eff = "— (not scored when stopped)" if stopped else _score(ro)
         rows.append(
             f"| ROME, one by one | {done} | {ro['seconds']:.0f} "
             f"| {ro['seconds_per_edit']:.3f} s (median {ro['median_edit_seconds']:.3f} s) "

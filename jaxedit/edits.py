@@ -166,7 +166,7 @@ def apply_weight_edit(params: dict, edit: WeightEdit, *, donate: bool = False) -
     """New params with every delta added (fp32 arithmetic, stored in the param dtype).
 
     `donate=True`: the edited stacks are updated in their own buffers (`add_to_weights`), and
-    `params` must not be used again.
+    `params` must not be used again; an edit refused (wrong shape or layer) changes nothing.
 
     Sharded params (`jaxedit.models.sharding`) stay sharded, and the model is never gathered:
     each ΔW is formed on the devices already split like the weight it joins (the factors are
@@ -176,6 +176,9 @@ def apply_weight_edit(params: dict, edit: WeightEdit, *, donate: bool = False) -
     by_site: dict[str, dict[int, list[WeightDelta]]] = {}
     for d in edit.deltas:
         by_site.setdefault(d.site, {}).setdefault(d.layer, []).append(d)
+    # Every site checked and every ΔW formed before the first weight changes: with `donate`, a
+    # refusal halfway would otherwise leave the caller's model with stacks already consumed.
+    updates = []
     for site, per_layer in by_site.items():
         layers = tuple(sorted(per_layer))
         stacked = _leaf(params, weight_path(site))
@@ -192,6 +195,8 @@ def apply_weight_edit(params: dict, edit: WeightEdit, *, donate: bool = False) -
         sharding = _mesh_sharding(stacked)
         matrix = functools.partial(_matrix_on, stacked=sharding)
         deltas = jnp.stack([_summed(per_layer[x], matrix)[(site, x)] for x in layers])
+        updates.append((site, layers, deltas, sharding))
+    for site, layers, deltas, sharding in updates:
         params = add_to_weights(params, site, layers, deltas, donate=donate)
         if sharding is not None:
             new = _leaf(params, weight_path(site))

@@ -86,6 +86,12 @@ def test_apply_donated_equals_apply_and_consumes_only_the_edited_stacks(tiny):
     assert all(mlp[w]["kernel"].is_deleted() for w in ("down", "up", "gate"))
     assert not own.params["embed"].is_deleted()
     assert got.params["embed"] is own.params["embed"]
+    # a refused edit (its second site names a layer the model lacks) consumes nothing
+    own = tiny.with_params(jax.tree.map(jnp.array, tiny.params))
+    bad = WeightEdit((_rank_one("mlp_out", 1, 3), _rank_one("mlp_up", tiny.config.n_layers, 4)))
+    with pytest.raises(InputError, match="layers"):
+        je.apply(own, bad, donate=True)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(own.params))
 
 
 def test_invert_restores_and_compose_equals_sequence(tiny):

@@ -149,7 +149,10 @@ def add_to_weights(
     `donate=True` hands the old stacked array's buffer to XLA, which writes the edited layers
     into it in place (only they are touched): the old array is deleted, so `params` (and every
     model holding that array) must not be used again. For sequential editing, where the model
-    before an edit is dropped anyway; the default keeps `params` intact.
+    before an edit is dropped anyway; the default keeps `params` intact. Called eagerly only:
+    under `jit` the donation is ignored; under an eager `grad` / `vmap` it would delete arrays
+    the transform still reads. Where XLA cannot reuse the buffer (an array a numpy view holds
+    on to) it writes a new one and deletes nothing.
     """
     if len(layers) != deltas.shape[0] or len(set(layers)) != len(layers):
         raise ValueError(f"need one delta per distinct layer, got {layers} for {deltas.shape}")
