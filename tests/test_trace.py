@@ -327,7 +327,8 @@ def test_plots(small, tmp_path):
 def cli_model(smollm, monkeypatch):
     from jaxedit.cli import shared as _common
 
-    monkeypatch.setattr(_common, "load_model", lambda args: smollm)
+    # `_load`, not `load_model`: command modules bind `load_model` when first imported
+    monkeypatch.setattr(_common, "_load", lambda *args: smollm)
     monkeypatch.setattr("jaxedit.cli.commands.trace.load_model", lambda args: smollm)
 
 
