@@ -156,12 +156,9 @@ def add_to_weights(
     """
     if len(layers) != deltas.shape[0] or len(set(layers)) != len(layers):
         raise ValueError(f"need one delta per distinct layer, got {layers} for {deltas.shape}")
-    layers = tuple(int(x) for x in layers)
-    if donate:
-        return _replace_leaf(
-            params, weight_path(site), lambda w: _added_in_place(w, deltas, layers)
-        )
-    return _replace_leaf(params, weight_path(site), lambda w: _added(w, deltas, layers))
+    layers = tuple(int(x) for x in layers)  # hashable: a static argument of `_added_in_place`
+    add = _added_in_place if donate else _added
+    return _replace_leaf(params, weight_path(site), lambda w: add(w, deltas, layers))
 
 
 def _added(w: Float[Array, "L I O"], deltas: Float[Array, "N I O"], layers: tuple[int, ...]):
