@@ -237,3 +237,13 @@ def test_readme_gpu_table_is_the_committed_gpu_run():
     many = module.many_edits_table()
     assert len(many.splitlines()) == 2 + 3  # MEMIT, AlphaEdit, ROME
     assert many in README.read_text()
+
+
+def test_readme_thin_products_table_is_the_committed_run():
+    """The README's few-row product table is what `benchmarks/thin_products.py` prints from its
+    committed JSON: both XLA flag sets, every form."""
+    module = benchmark_script("thin_products")
+    result = json.loads((ROOT / "benchmarks" / "results" / "thin_products.json").read_text())
+    table = module.markdown_table(result)
+    assert len(table.splitlines()) == 2 + len(module.TABLE_ROWS)
+    assert table in README.read_text()
