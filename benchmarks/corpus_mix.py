@@ -24,18 +24,21 @@ import json
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-WIKI_TOKENS, MAX_LEN = 131072, 256
+WIKI_TOKENS = 131072
 
 
 def wiki_lines(tok, path: Path, n_tokens: int = WIKI_TOKENS) -> list[str]:
     """Non-blank lines from the top of `path` until they hold `n_tokens` tokens (each line
-    counted up to MAX_LEN tokens)."""
+    counted up to the statistics' own cut, MEMIT's `mom2_max_len`)."""
+    from jaxedit.methods.memit import MEMITHparams
+
+    max_len = MEMITHparams.mom2_max_len
     lines, total = [], 0
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         lines.append(line)
-        total += len(tok.encode(line)[:MAX_LEN])
+        total += len(tok.encode(line)[:max_len])
         if total >= n_tokens:
             break
     return lines
