@@ -157,6 +157,9 @@ def test_identity_editor_gives_true_gradient_smollm(smollm):
         assert _rel(p, t) <= 1e-5
 
 
+# GPT-2's factors are also pinned in the default suite by test_mend_parity (the golden model's
+# factors against eric-mitchell/mend's); this check against jax.grad compiles two more programs.
+@pytest.mark.slow
 def test_factors_gpt2_style(smollm):
     """Non-gated MLP with biases (GPT-2): δ of c_fc goes through act'(x W + b)."""
     lm = _tiny(smollm, "gpt2")

@@ -52,6 +52,7 @@ def one_shot(lm: LanguageModel, layer: int, docs: list[list[int]]) -> np.ndarray
     return K.T @ K / len(K)
 
 
+@pytest.mark.slow  # the same property on the embedded model is in the default suite (below)
 def test_streaming_equals_one_shot_tiny():
     lm = tiny_lm()
     docs = random_docs(30)
