@@ -34,6 +34,10 @@ SETTINGS = target_opt.TargetSettings(steps=12, lr=0.5, clamp_norm_factor=0.75)
 LANE_SETTINGS = dataclasses.replace(SETTINGS, steps=7, early_stop_loss=0.5)
 
 
+def lane_settings(mpes: bool) -> target_opt.TargetSettings:
+    return dataclasses.replace(LANE_SETTINGS, stop_when_argmax=mpes)
+
+
 @pytest.fixture(scope="module")
 def one_at_a_time(smollm):
     """Each request optimised alone, per early-stopping setting; computed when first asked for
@@ -42,9 +46,8 @@ def one_at_a_time(smollm):
 
     def get(mpes: bool) -> list:
         if mpes not in runs:
-            settings = dataclasses.replace(LANE_SETTINGS, stop_when_argmax=mpes)
             runs[mpes] = [
-                target_opt.target_value(smollm, SITE, LAYER, r, TEMPLATES, settings)
+                target_opt.target_value(smollm, SITE, LAYER, r, TEMPLATES, lane_settings(mpes))
                 for r in REQUESTS
             ]
         return runs[mpes]
@@ -67,9 +70,8 @@ def test_the_requests_differ_in_every_padded_shape(smollm):
 def test_batched_equals_one_at_a_time(smollm, one_at_a_time, mpes, capsys):
     """Three requests in four lanes (one a padding copy): each request's δ, step count and loss
     are its own run's, whatever it was padded to, and in the order given."""
-    settings = dataclasses.replace(LANE_SETTINGS, stop_when_argmax=mpes)
     batched = target_opt.target_values(
-        smollm, SITE, LAYER, REQUESTS, TEMPLATES, settings, lanes=4, progress=True
+        smollm, SITE, LAYER, REQUESTS, TEMPLATES, lane_settings(mpes), lanes=4, progress=True
     )
     assert "target values" in capsys.readouterr().err  # the progress bar, on stderr
     single = one_at_a_time(mpes)
