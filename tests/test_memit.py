@@ -1,6 +1,7 @@
-"""MEMIT and AlphaEdit: the layer loop, the solves' invariants (MEMIT = ROME's closed form for
-one layer and one request; AlphaEdit spares the preserved subspace), sequential state (resume ==
-uninterrupted, foreign state refused), bad input, and edits on the embedded model."""
+"""MEMIT, EMMET and AlphaEdit: the layer loop, the solves' invariants (MEMIT and EMMET = ROME's
+closed form for one layer and one request; EMMET writes every residual exactly; AlphaEdit spares
+the preserved subspace), sequential state (resume == uninterrupted, foreign state refused), bad
+input, and edits on the embedded model."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from conftest import tiny_llama_config
 
 import jaxedit as je
 from jaxedit.errors import CheckpointError, ConfigError, InputError
-from jaxedit.methods import alphaedit, memit
+from jaxedit.methods import alphaedit, emmet, memit
 from jaxedit.methods.common import linalg, spread, target_cache, target_opt
 from jaxedit.models.generate import top_k
 from jaxedit.models.sites import get_weight
@@ -49,6 +50,16 @@ def tiny_hp(cls, **kw):
     return cls(**{**base, **kw})
 
 
+def rome_update(lm, state, C, layer):
+    """ROME's ΔW = C⁻¹k (z − h)ᵀ / (kᵀC⁻¹k) for the first request, from the same k, z and h the
+    layer loop reads, and that k and residual z − h."""
+    zs, _ = memit.target_zs(lm, state, REQS[:1])
+    k = spread.request_keys(lm, layer, REQS[:1], FIXED, state.groups)[:, 0]
+    h = spread.bare_outputs(lm, layer, REQS[:1])[:, 0]
+    u = linalg.spd_solve(linalg.spd_factor(C), k)
+    return np.outer(u, linalg.rank_one_right(u, k, zs[:, 0], h)), u @ k
+
+
 def test_one_layer_one_request_is_romes_closed_form(tiny, tiny_C):
     """ΔW = (λC + kkᵀ)⁻¹ k rᵀ = C⁻¹k rᵀ / (λ + kᵀC⁻¹k): ROME's direction C⁻¹k with the
     residual scaled by kᵀC⁻¹k / (λ + kᵀC⁻¹k) (Sherman–Morrison), given the same z and C."""
@@ -56,16 +67,66 @@ def test_one_layer_one_request_is_romes_closed_form(tiny, tiny_C):
     state = memit.make_state(tiny, hp, tiny_C)
     edit, info = memit.compute(tiny, state, REQS[:1])
     (d,) = edit.deltas
-    zs, _ = memit.target_zs(tiny, state, REQS[:1])
-    k = spread.request_keys(tiny, 1, REQS[:1], FIXED, state.groups)[:, 0]
-    h = spread.bare_outputs(tiny, 1, REQS[:1])[:, 0]
-    C = tiny_C[1]
-    u = linalg.spd_solve(linalg.spd_factor(C), k)
-    # ROME: Λ = (v* − W k) / (uᵀk) with the same value change v* − W k = z − h
-    rome_dw = np.outer(u, linalg.rank_one_right(u, k, zs[:, 0], h))
-    scale = (u @ k) / (3.0 + u @ k)
-    np.testing.assert_allclose(d.matrix(), scale * rome_dw, rtol=2e-4, atol=1e-7)
+    rome_dw, ukk = rome_update(tiny, state, tiny_C[1], 1)
+    np.testing.assert_allclose(d.matrix(), ukk / (3.0 + ukk) * rome_dw, rtol=2e-4, atol=1e-7)
     assert info["requests"] == 1 and info["layers"] == [1]
+
+
+def test_emmet_one_layer_one_request_is_rome(tiny, tiny_C):
+    """EMMET's equality constraint for one key is ROME's: ΔW = C₀⁻¹k rᵀ / (kᵀC₀⁻¹k) exactly,
+    whatever λ (it cancels) and emmet_lambda (added to D only for a batch)."""
+    hp = tiny_hp(emmet.EMMETHparams, layers=(1,), mom2_update_weight=3.0, emmet_lambda=0.5)
+    state = memit.make_state(tiny, hp, tiny_C)
+    edit, info = emmet.METHOD.compute(tiny, state, REQS[:1])
+    rome_dw, _ = rome_update(tiny, state, tiny_C[1], 1)
+    np.testing.assert_allclose(edit.deltas[0].matrix(), rome_dw, rtol=2e-4, atol=1e-7)
+    assert edit.meta["method"] == "emmet" and info["requests"] == 1
+
+
+def test_emmet_writes_every_residual_exactly(tiny, tiny_C):
+    """With emmet_lambda = 0 a batch's keys map to their residuals exactly (K_lᵀ ΔW_l = R_lᵀ),
+    where MEMIT's least squares writes only part of them; emmet_lambda > 0 shrinks the writes
+    to D̃ (D̃ + εI)⁻¹ R (D̃ = KᵀC₀⁻¹K)."""
+    state = memit.make_state(tiny, tiny_hp(memit.MEMITHparams, layers=(1,)), tiny_C)
+    K = spread.request_keys(tiny, 1, REQS, FIXED, state.groups)
+    zs, _ = memit.target_zs(tiny, state, REQS)
+    R = zs - spread.bare_outputs(tiny, 1, REQS)
+    written, one = {}, dict(layers=(1,), mom2_update_weight=2.0)
+    for name, hp in [
+        ("emmet", tiny_hp(emmet.EMMETHparams, **one, emmet_lambda=0.0)),
+        ("shrunk", tiny_hp(emmet.EMMETHparams, **one)),
+        ("memit", tiny_hp(memit.MEMITHparams, **one)),
+    ]:
+        solve = (emmet.emmet_solver if name != "memit" else memit.memit_solver)(state, hp)
+        written[name] = K.T @ solve(0, 1, K, R).matrix().astype(np.float64)  # [N D]
+    scale = np.linalg.norm(R)
+    np.testing.assert_allclose(written["emmet"], R.T, atol=2e-5 * scale)
+    assert np.linalg.norm(written["memit"] - R.T) > 1e-2 * scale
+    Cinv_K = np.linalg.solve(2.0 * tiny_C[1], K)
+    Dt = K.T @ Cinv_K
+    shrunk = Dt @ np.linalg.solve(Dt + 0.1 * np.eye(3), R.T)
+    np.testing.assert_allclose(written["shrunk"], shrunk, atol=2e-5 * scale)
+    assert np.linalg.norm(written["shrunk"] - R.T) > 1e-4 * scale
+
+
+def test_emmet_refuses_a_singular_batch(tiny, tiny_C):
+    """More keys than key dimensions (or two equal keys) leave KᵀC₀⁻¹K singular: without
+    emmet_lambda that is a clear error naming it, never a silent pseudo-inverse."""
+    hp = tiny_hp(emmet.EMMETHparams, layers=(1,), emmet_lambda=0.0)
+    state = memit.make_state(tiny, hp, tiny_C)
+    rng = np.random.default_rng(1)
+    K, R = rng.standard_normal((48, 50)), rng.standard_normal((tiny.config.d_model, 50))
+    with pytest.raises(InputError, match=r"EMMET layer 1: .*50 keys in 48 dim.*emmet_lambda"):
+        emmet.emmet_solver(state, hp)(0, 1, K, R)
+    twice = np.concatenate([K[:, :2], K[:, :1]], 1)
+    with pytest.raises(InputError, match="nearly parallel"):
+        emmet.emmet_solver(state, hp)(0, 1, twice, R[:, :3])
+    ok = emmet.emmet_solver(state, dataclasses.replace(hp, emmet_lambda=0.1))(0, 1, K, R)
+    assert np.isfinite(ok.matrix()).all() and np.linalg.norm(ok.matrix()) > 0
+    with pytest.raises(ConfigError, match="emmet_lambda"):
+        dataclasses.replace(hp, emmet_lambda=-1.0)
+    with pytest.raises(ConfigError, match="mom2_update_weight"):
+        dataclasses.replace(hp, mom2_update_weight=0.0)
 
 
 def test_memit_spreads_over_layers_and_is_pure(tiny, tiny_C):
@@ -249,15 +310,17 @@ def test_bad_input(tiny, tiny_C):
 
 
 def test_protocol_names(smollm):
-    assert {"memit", "alphaedit"} <= set(je.methods.names())
+    assert {"memit", "alphaedit", "emmet"} <= set(je.methods.names())
     m = je.methods.get("alphaedit")
     assert m.hparams_cls is alphaedit.AlphaEditHparams
-    hp = je.methods.get("memit").hparams("smollm2-135m")
-    assert hp.layers[-1] < smollm.config.n_layers
+    for name in ("memit", "emmet"):
+        hp = je.methods.get(name).hparams("smollm2-135m")
+        assert hp.layers[-1] < smollm.config.n_layers
+    assert je.methods.get("emmet").hparams("gpt-j").layers == (5,)
 
 
 @pytest.mark.slow  # ~45 s; MEMIT on tiny models and ROME on the embedded model stay default
-@pytest.mark.parametrize("name", ["memit", "alphaedit"])
+@pytest.mark.parametrize("name", ["memit", "emmet", "alphaedit"])
 def test_edits_the_embedded_model(smollm, name, tmp_path):
     """A batch of three facts, written into layers of the embedded model at once: each
     rewrite prompt now puts its new target first."""

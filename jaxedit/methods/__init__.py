@@ -15,6 +15,7 @@ from jaxedit.methods.base import EditMethod
 
 REGISTRY = {
     "alphaedit": "jaxedit.methods.alphaedit",
+    "emmet": "jaxedit.methods.emmet",
     "ft": "jaxedit.methods.ft",
     "ike": "jaxedit.methods.ike",
     "instructedit": "jaxedit.methods.instructedit",

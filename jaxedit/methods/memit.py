@@ -227,29 +227,38 @@ def check_state(lm: LanguageModel, state: SpreadState) -> None:
         raise InputError("the state was prepared for another model (key width differs)")
 
 
-def compute(
-    lm: LanguageModel, state: SpreadState, requests: list[EditRequest]
-) -> tuple[WeightEdit, dict]:
-    """All requests in one solve: z's, then the layer loop with MEMIT's solve."""
-    check_state(lm, state)
-    spread.check_requests(requests)
-    hp = state.hp
-    t0 = time.perf_counter()
-    zs, tvs = target_zs(lm, state, requests)
-    t1 = time.perf_counter()
-    deltas, layers_info, _ = spread.spread(
-        lm, hp.layers, requests, zs, state.templates, state.groups, memit_solver(state, hp)
-    )
-    info = {
-        "layers": list(hp.layers),
-        "requests": len(requests),
-        **z_summary(tvs),
-        "layers_info": layers_info,
-        "norm": float(sum(d["update_norm"] for d in layers_info)),
-        "z_seconds": round(t1 - t0, 3),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    return WeightEdit(deltas, edit_meta("memit", lm, hp, requests)), info
+def spread_compute(name: str, make_solver):
+    """`compute` for a method that is MEMIT's z's and layer loop with its own solve:
+    `make_solver(state, hp)` gives the `spread.Solver` (MEMIT's here, EMMET's in `emmet.py`)."""
+
+    def compute(
+        lm: LanguageModel, state: SpreadState, requests: list[EditRequest]
+    ) -> tuple[WeightEdit, dict]:
+        check_state(lm, state)
+        spread.check_requests(requests)
+        hp = state.hp
+        t0 = time.perf_counter()
+        zs, tvs = target_zs(lm, state, requests)
+        t1 = time.perf_counter()
+        deltas, layers_info, _ = spread.spread(
+            lm, hp.layers, requests, zs, state.templates, state.groups, make_solver(state, hp)
+        )
+        info = {
+            "layers": list(hp.layers),
+            "requests": len(requests),
+            **z_summary(tvs),
+            "layers_info": layers_info,
+            "norm": float(sum(d["update_norm"] for d in layers_info)),
+            "z_seconds": round(t1 - t0, 3),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        return WeightEdit(deltas, edit_meta(name, lm, hp, requests)), info
+
+    return compute
+
+
+# All requests in one solve: z's, then the layer loop with MEMIT's solve.
+compute = spread_compute("memit", memit_solver)
 
 
 METHOD = EditMethod(
