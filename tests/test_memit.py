@@ -109,6 +109,19 @@ def test_emmet_writes_every_residual_exactly(tiny, tiny_C):
     assert np.linalg.norm(written["shrunk"] - R.T) > 1e-4 * scale
 
 
+def test_emmet_regularised_is_memit_at_emmet_lambda_times_lambda(tiny, tiny_C):
+    """For a batch, (λC)⁻¹K(Kᵀ(λC)⁻¹K + εI)⁻¹ = (ελC + KKᵀ)⁻¹K (push-through identity): EMMET
+    with emmet_lambda ε is MEMIT with λ' = ελ, over the whole layer loop."""
+    e_hp = tiny_hp(emmet.EMMETHparams, mom2_update_weight=20.0, emmet_lambda=0.15)
+    m_hp = tiny_hp(memit.MEMITHparams, mom2_update_weight=3.0)
+    e, _ = emmet.METHOD.compute(tiny, memit.make_state(tiny, e_hp, tiny_C), REQS)
+    m, _ = memit.compute(tiny, memit.make_state(tiny, m_hp, tiny_C), REQS)
+    assert [d.layer for d in e.deltas] == [d.layer for d in m.deltas] == [1, 2]
+    for a, b in zip(e.deltas, m.deltas, strict=True):
+        assert np.linalg.norm(b.matrix()) > 0
+        np.testing.assert_allclose(a.matrix(), b.matrix(), atol=1e-5 * np.abs(b.matrix()).max())
+
+
 def test_emmet_refuses_a_singular_batch(tiny, tiny_C):
     """More keys than key dimensions (or two equal keys) leave KᵀC₀⁻¹K singular: without
     emmet_lambda that is a clear error naming it, never a silent pseudo-inverse."""

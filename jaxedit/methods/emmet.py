@@ -29,6 +29,16 @@ mom2_update_weight); the constraints then hold approximately, K_lᵀ ΔW_l = D̃
 with D̃ = K_lᵀC₀⁻¹K_l. `update_norm_lambda` μ adds μ · I to C₀ (a penalty on ‖ΔW‖, the
 authors' option, 0 by default).
 
+How it relates to MEMIT: by the push-through identity, MEMIT's (λ'C + KKᵀ)⁻¹K equals
+C⁻¹K (KᵀC⁻¹K + λ'I)⁻¹. So for a batch with emmet_lambda = ε > 0 (and μ = 0), EMMET's update
+
+    (λC)⁻¹K (Kᵀ(λC)⁻¹K + εI)⁻¹ = C⁻¹K (KᵀC⁻¹K + ελI)⁻¹
+
+is MEMIT's with λ' = ε·λ, exactly (tested; the authors' GPT-J setting, λ = 10,000 and ε = 0.1,
+is MEMIT at λ' = 1,000). What EMMET adds is the limit λ' → 0 that MEMIT's form cannot take
+when N < F (KKᵀ is singular there): emmet_lambda = 0 asks for every equality, and one request
+is ROME.
+
 Reference: scalable-model-editing/unified-model-editing, `emmet/emmet_main.py` (EasyEdit's
 `models/emmet` is the same solve, with the I added for N = 1 too). Both solves run in float64
 (Cholesky, `common.linalg`); where the reference falls back to a pseudo-inverse for a singular
