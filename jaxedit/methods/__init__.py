@@ -1,6 +1,6 @@
 """Editing methods, one module each, all speaking the protocol of `jaxedit.methods.base`.
 
-    jaxedit.methods.names()        # ["alphaedit", "ft", "ike", "instructedit", "memit", ...]
+    jaxedit.methods.names()        # ["alphaedit", "emmet", "ft", "ike", "instructedit", ...]
     jaxedit.methods.get("rome")    # an EditMethod: hparams / prepare / compute
 
 Modules are imported on first use, so importing jaxedit does not import every method.
