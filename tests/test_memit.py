@@ -123,8 +123,9 @@ def test_emmet_regularised_is_memit_at_emmet_lambda_times_lambda(tiny, tiny_C):
 
 
 def test_emmet_refuses_a_singular_batch(tiny, tiny_C):
-    """More keys than key dimensions (or two equal keys) leave KᵀC₀⁻¹K singular: without
-    emmet_lambda that is a clear error naming it, never a silent pseudo-inverse."""
+    """More keys than key dimensions, two requests with one key, or dependent keys leave
+    KᵀC₀⁻¹K singular: without emmet_lambda that is a clear error naming why and emmet_lambda,
+    never a silent pseudo-inverse."""
     hp = tiny_hp(emmet.EMMETHparams, layers=(1,), emmet_lambda=0.0)
     state = memit.make_state(tiny, hp, tiny_C)
     rng = np.random.default_rng(1)
@@ -132,8 +133,11 @@ def test_emmet_refuses_a_singular_batch(tiny, tiny_C):
     with pytest.raises(InputError, match=r"EMMET layer 1: .*50 keys in 48 dim.*emmet_lambda"):
         emmet.emmet_solver(state, hp)(0, 1, K, R)
     twice = np.concatenate([K[:, :2], K[:, :1]], 1)
-    with pytest.raises(InputError, match="nearly parallel"):
+    with pytest.raises(InputError, match="requests 0 and 2 of the batch share one key"):
         emmet.emmet_solver(state, hp)(0, 1, twice, R[:, :3])
+    summed = np.stack([K[:, 0], K[:, 1], K[:, 0] + K[:, 1]], 1)
+    with pytest.raises(InputError, match="linearly dependent keys"):
+        emmet.emmet_solver(state, hp)(0, 1, summed, R[:, :3])
     ok = emmet.emmet_solver(state, dataclasses.replace(hp, emmet_lambda=0.1))(0, 1, K, R)
     assert np.isfinite(ok.matrix()).all() and np.linalg.norm(ok.matrix()) > 0
     with pytest.raises(ConfigError, match="emmet_lambda"):

@@ -23,7 +23,7 @@ layer loop, `common.spread`: the z's and the residual spread over the layers exa
     ΔW_l = C₀⁻¹ K_l D⁻¹ R_lᵀ                         [F D]
 
 so K_lᵀ ΔW_l = R_lᵀ exactly when emmet_lambda = 0. D has rank ≤ min(N, F): with more edits than
-key dimensions (or nearly parallel keys) it is singular, which is why the authors add
+key dimensions (or linearly dependent keys) it is singular, which is why the authors add
 emmet_lambda · I (0.1 in their presets; since D scales as 1/λ, its relative weight grows with
 mom2_update_weight); the constraints then hold approximately, K_lᵀ ΔW_l = D̃ (D̃ + εI)⁻¹ R_lᵀ
 with D̃ = K_lᵀC₀⁻¹K_l. `update_norm_lambda` μ adds μ · I to C₀ (a penalty on ‖ΔW‖, the
@@ -81,8 +81,27 @@ class EMMETHparams(memit.SpreadHparams):
 
 # Where the equalities are asked for exactly (emmet_lambda = 0, or one key), the written share
 # Kᵀ (C₀⁻¹K D⁻¹) must be the identity to this tolerance; more keys than key dimensions, or
-# nearly parallel keys, leave D singular and the equalities out of reach.
+# linearly dependent keys, leave D singular and the equalities out of reach.
 EQUALITY_ATOL = 1e-6
+
+
+def why_singular(K: Float[np.ndarray, "F N"]) -> str:
+    """Why KᵀC₀⁻¹K has no inverse, for the error: too many keys, two requests with one key
+    (their prompts agree up to the subject's last token, so keys and z position coincide), or
+    keys that are otherwise (numerically) linearly dependent."""
+    F, N = K.shape
+    if N > F:
+        return f"{N} keys in {F} dimensions"
+    unit = K / np.maximum(np.linalg.norm(K, axis=0), 1e-300)
+    same = np.argwhere(np.triu(unit.T @ unit, 1) > 1 - 1e-9)
+    if len(same):
+        pairs = ", ".join(f"{i} and {j}" for i, j in same[:3])
+        more = f" and {len(same) - 3} more pairs" if len(same) > 3 else ""
+        return (
+            f"requests {pairs}{more} of the batch share one key: their prompts are the same up "
+            "to the end of the subject, so one value cannot give both targets exactly"
+        )
+    return "linearly dependent keys"
 
 
 def equality_solve(
@@ -98,9 +117,8 @@ def equality_solve(
     exact = N == 1 or emmet_lambda == 0
     if not exact:
         D = D + emmet_lambda * np.eye(N)
-    why = f"{N} keys in {F} dimensions" if N > F else "nearly parallel keys"
     singular = InputError(
-        f"KᵀC₀⁻¹K ({N}x{N}) is singular ({why}): no update meets every equality; "
+        f"KᵀC₀⁻¹K ({N}x{N}) is singular ({why_singular(K)}): no update meets every equality; "
         "set emmet_lambda > 0 (the authors use 0.1)"
     )
     try:
