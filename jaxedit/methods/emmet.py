@@ -71,9 +71,8 @@ class EMMETHparams(memit.SpreadHparams):
 
     def __post_init__(self):
         super().__post_init__()
-        for field in ("mom2_update_weight",):
-            if getattr(self, field) <= 0:
-                raise ConfigError(f"EMMETHparams: {field} must be positive")
+        if self.mom2_update_weight <= 0:
+            raise ConfigError("EMMETHparams: mom2_update_weight must be positive")
         for field in ("emmet_lambda", "update_norm_lambda", "ridge"):
             if getattr(self, field) < 0:
                 raise ConfigError(f"EMMETHparams: {field} must be >= 0")
