@@ -63,11 +63,12 @@ from jaxedit.methods.common import linalg, spread
 
 
 @dataclass(frozen=True)
-class EMMETHparams(memit.SpreadHparams):
-    mom2_update_weight: float = 10000.0  # λ in C₀ = λ E[k kᵀ] (the authors' GPT-J value)
+class EMMETHparams(memit.MEMITHparams):
+    """MEMIT's fields (λ = mom2_update_weight in C₀ = λ E[k kᵀ], ridge on C₀) and EMMET's own."""
+
+    mom2_update_weight: float = 10000.0  # the authors' GPT-J value
     emmet_lambda: float = 0.1  # + emmet_lambda · I on KᵀC₀⁻¹K for N > 1 (ill-conditioned D)
     update_norm_lambda: float = 0.0  # + μ · I on C₀: a penalty on the update's norm
-    ridge: float = 0.0  # + ridge · mean(diag) · I on C₀, for a singular second moment
 
     def __post_init__(self):
         super().__post_init__()
@@ -116,19 +117,22 @@ def equality_solve(
     exact = N == 1 or emmet_lambda == 0
     if not exact:
         D = D + emmet_lambda * np.eye(N)
-    singular = InputError(
-        f"KᵀC₀⁻¹K ({N}x{N}) is singular ({why_singular(K)}): no update meets every equality; "
-        "set emmet_lambda > 0 (the authors use 0.1)"
-    )
+
+    def singular() -> InputError:  # built only on failure: why_singular costs an N×N Gram
+        return InputError(
+            f"KᵀC₀⁻¹K ({N}x{N}) is singular ({why_singular(K)}): no update meets every "
+            "equality; set emmet_lambda > 0 (the authors use 0.1)"
+        )
+
     try:
         lower = scipy.linalg.cholesky((D + D.T) / 2, lower=True, check_finite=False)
     except np.linalg.LinAlgError as e:
-        raise singular from e
+        raise singular() from e
     left = scipy.linalg.cho_solve((lower, True), CiK.T, check_finite=False).T  # C₀⁻¹K D⁻¹
     # Cholesky can "succeed" on a rank-deficient D whose zero pivots rounding made positive;
     # the result then writes only the projection of R onto range(D). Check what is written.
     if exact and not np.abs(K.T @ left - np.eye(N)).max() <= EQUALITY_ATOL:
-        raise singular
+        raise singular()
     return left
 
 
